@@ -3,11 +3,37 @@
 Prune whole channels with ``prune_channels``, train with ``UpdatePruningStep``,
 ``rebuild`` a smaller model that computes exactly what the pruned one does,
 ``recover`` accuracy with distillation, and ``export_tflite`` for phones.
+
+Example:
+    >>> import keras_rebuild as kr
+    >>> model = kr.digits_cnn()
+    >>> small, report = kr.rebuild(model, return_report=True)
 """
 from keras_rebuild import _compat  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
-from keras_rebuild import errors
+from keras_rebuild import errors, handlers
 from keras_rebuild.data import digits_cnn, load_digits
+from keras_rebuild.groups import Analysis, ChannelGroup
+from keras_rebuild.handlers import register_handler
+from keras_rebuild.rebuild import RebuildReport, rebuild
 
 __version__ = "0.1.0"
 
-__all__ = ["errors", "digits_cnn", "load_digits", "__version__"]
+
+def analyze(model) -> Analysis:
+    """The channel dependency analysis of ``model``: groups, what can be pruned, and why not.
+
+    Args:
+        model: A tf_keras Functional or Sequential model (not modified).
+
+    Returns:
+        An :class:`Analysis`; ``print(analysis.summary())`` shows the groups.
+    """
+    from keras_rebuild.rebuild import strip_any_wrappers
+
+    return Analysis(strip_any_wrappers(model))
+
+
+__all__ = [
+    "Analysis", "ChannelGroup", "RebuildReport", "analyze", "rebuild", "register_handler",
+    "errors", "handlers", "digits_cnn", "load_digits", "__version__",
+]

@@ -1,0 +1,1098 @@
+"""Export Keras models to TFLite, verify them with LiteRT, and time them.
+
+``export_tflite`` converts a model (float32, float16, dynamic-range int8 or full
+int8), runs the result in the LiteRT interpreter on sample inputs and compares
+it with the Keras model before anything is written. ``benchmark_tflite`` and
+``compare_latency`` measure single-inference latency of ``.tflite`` models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+import os
+import tempfile
+import time
+import warnings
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from keras_rebuild._compat import keras, tf, tfmot
+from keras_rebuild.errors import (
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    NotAModelError,
+    OutputExistsError,
+    VerificationError,
+    received,
+)
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_MODES = ("float32", "float16", "dynamic", "int8")
+
+# Default verification tolerances per quantization mode. A model passes when,
+# for every output, ``max_abs_error <= atol + rtol * output_scale`` where
+# ``output_scale`` is the largest absolute value of the Keras output, and
+# (if ``min_top1`` is set) the top-1 agreement is at least ``min_top1``.
+DEFAULT_TOLERANCES: Dict[str, Dict[str, float]] = {
+    "float32": {"atol": 1e-6, "rtol": 1e-4},
+    "float16": {"atol": 1e-3, "rtol": 2e-2},
+    "dynamic": {"atol": 1e-2, "rtol": 0.3},
+    "int8": {"atol": 1e-2, "rtol": 0.3},
+}
+
+PathOrBytes = Union[str, "os.PathLike[str]", bytes, bytearray]
+
+
+# --------------------------------------------------------------------------
+# Result types
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class VerificationResult:
+    """How closely a TFLite model reproduces its Keras model.
+
+    Attributes:
+        max_abs_error: Largest absolute difference over all outputs.
+        mean_abs_error: Mean absolute difference over all output elements.
+        top1_agreement: Fraction of samples whose arg-max agrees, the minimum
+            over the outputs that have a class axis (rank 2, more than one
+            column); ``None`` when no output has one.
+        passed: Whether the errors are within tolerance.
+        num_samples: How many samples were compared.
+        output_scale: Largest absolute Keras output value (over all outputs).
+        atol: Absolute tolerance used.
+        rtol: Tolerance relative to each output's scale.
+        min_top1: Required top-1 agreement, or ``None`` if not checked.
+        per_output: One dict per output with ``name``, ``max_abs_error``,
+            ``mean_abs_error``, ``scale``, ``top1_agreement``.
+    """
+
+    max_abs_error: float
+    mean_abs_error: float
+    top1_agreement: Optional[float]
+    passed: bool
+    num_samples: int = 0
+    output_scale: float = 0.0
+    atol: float = 0.0
+    rtol: float = 0.0
+    min_top1: Optional[float] = None
+    per_output: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        top1 = "n/a" if self.top1_agreement is None else f"{100 * self.top1_agreement:.1f}%"
+        status = "passed" if self.passed else "FAILED"
+        return (
+            f"verification {status} on {self.num_samples} samples: "
+            f"max abs error {self.max_abs_error:.3g}, mean abs error {self.mean_abs_error:.3g}, "
+            f"top-1 agreement {top1} (output scale {self.output_scale:.3g}; "
+            f"tolerance atol={self.atol:g}, rtol={self.rtol:g}"
+            + (f", min_top1={self.min_top1:g}" if self.min_top1 is not None else "")
+            + ")"
+        )
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What ``export_tflite`` produced.
+
+    Attributes:
+        path: Where the ``.tflite`` file was written, or ``None``.
+        size_bytes: Size of the flatbuffer in bytes.
+        gzipped_size_bytes: Size after ``gzip`` (level 9), a proxy for the
+            download size; it shows the effect of zeroed (sparse) weights.
+        quantize: The quantization mode (``"float32"``, ``"float16"``,
+            ``"dynamic"`` or ``"int8"``).
+        int8_io: Whether input and output tensors are int8.
+        verification: A ``VerificationResult``, or ``None`` if ``verify=False``.
+        content: The flatbuffer bytes (read from ``path`` when not kept).
+    """
+
+    path: Optional[str]
+    size_bytes: int
+    gzipped_size_bytes: int
+    quantize: str
+    int8_io: bool = False
+    verification: Optional[VerificationResult] = None
+    _content: Optional[bytes] = dataclasses.field(default=None, repr=False)
+
+    @property
+    def content(self) -> bytes:
+        """The ``.tflite`` flatbuffer bytes."""
+        if self._content is not None:
+            return self._content
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def summary(self) -> str:
+        """A multi-line human-readable summary."""
+        lines = [
+            f"TFLite export ({self.quantize}{', int8 I/O' if self.int8_io else ''})",
+            f"  path:    {self.path if self.path else '(in memory)'}",
+            f"  size:    {_fmt_bytes(self.size_bytes)} ({_fmt_bytes(self.gzipped_size_bytes)} gzipped)",
+        ]
+        if self.verification is None:
+            lines.append("  verification: skipped")
+        else:
+            lines.append(f"  {self.verification}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclasses.dataclass
+class BenchmarkResult:
+    """Single-inference latency of a TFLite model in the LiteRT interpreter.
+
+    Attributes:
+        median_ms: Median latency of one ``invoke()`` in milliseconds.
+        mean_ms: Mean latency in milliseconds.
+        p90_ms: 90th percentile latency in milliseconds.
+        min_ms: Fastest run in milliseconds.
+        runs: Number of timed runs.
+        warmup: Number of untimed warm-up runs.
+        num_threads: Interpreter threads.
+        size_bytes: Size of the model flatbuffer.
+        memory_bytes: Approximate memory taken by the interpreter: the growth
+            of the process resident set size (RSS) across interpreter creation
+            and ``allocate_tensors()``. It is an approximation: the allocator
+            may reuse freed pages or map more than is used, and memory
+            allocated lazily on the first ``invoke()`` is not included.
+        memory_method: How ``memory_bytes`` was measured.
+        memory_after_first_invoke_bytes: The same RSS growth measured up to
+            the end of the first (warm-up) ``invoke()``, which also counts
+            buffers some delegates (e.g. XNNPACK's packed weights) allocate
+            lazily. Also approximate.
+        times_ms: Every timed run in milliseconds.
+    """
+
+    median_ms: float
+    mean_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+    warmup: int
+    num_threads: int
+    size_bytes: int
+    memory_bytes: Optional[int]
+    memory_method: str
+    memory_after_first_invoke_bytes: Optional[int] = None
+    times_ms: List[float] = dataclasses.field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        if self.memory_bytes is None:
+            mem = "n/a"
+        else:
+            mem = f"~{_fmt_bytes(self.memory_bytes)}"
+            if self.memory_after_first_invoke_bytes is not None:
+                mem += f" (~{_fmt_bytes(self.memory_after_first_invoke_bytes)} after first invoke)"
+            mem += f", {self.memory_method}"
+        return (
+            f"LiteRT latency ({self.num_threads} thread{'s' if self.num_threads != 1 else ''}, "
+            f"{self.runs} runs): median {self.median_ms:.3f} ms, mean {self.mean_ms:.3f} ms, "
+            f"p90 {self.p90_ms:.3f} ms; model {_fmt_bytes(self.size_bytes)}; interpreter memory {mem}"
+        )
+
+
+@dataclasses.dataclass
+class LatencyComparison:
+    """Latencies of several TFLite models measured interleaved.
+
+    Attributes:
+        medians_ms: Median single-inference latency per variant, in ms.
+        ratios: Each median divided by the first variant's median.
+        times_ms: Every timed run per variant.
+        num_threads: Interpreter threads.
+        runs: Timed runs per variant per round.
+        rounds: Number of round-robin rounds.
+    """
+
+    medians_ms: Dict[str, float]
+    ratios: Dict[str, float]
+    times_ms: Dict[str, List[float]] = dataclasses.field(default_factory=dict, repr=False)
+    num_threads: int = 1
+    runs: int = 0
+    rounds: int = 0
+
+    def __str__(self) -> str:
+        width = max([len(k) for k in self.medians_ms] + [7])
+        lines = [f"{'variant':<{width}}  median ms   ratio"]
+        for name, med in self.medians_ms.items():
+            lines.append(f"{name:<{width}}  {med:9.3f}  {self.ratios[name]:6.3f}")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024**2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024 ** 2:.2f} MiB"
+
+
+# --------------------------------------------------------------------------
+# Model preparation
+# --------------------------------------------------------------------------
+
+
+def _iter_layers(model) -> Iterable[Any]:
+    """All layers of ``model``, recursing into nested models and wrappers."""
+    stack = list(getattr(model, "layers", []))
+    while stack:
+        layer = stack.pop()
+        yield layer
+        stack.extend(getattr(layer, "layers", []) or [])
+        inner = getattr(layer, "layer", None)
+        if inner is not None:
+            stack.append(inner)
+
+
+def _has_tfmot_pruning(model) -> bool:
+    # Check class names first so tfmot (slow to import) is only imported when needed.
+    if not any(type(layer).__name__ == "PruneLowMagnitude" for layer in _iter_layers(model)):
+        return False
+    wrapper = tfmot().sparsity.keras.PruneLowMagnitude
+    return any(isinstance(layer, wrapper) for layer in _iter_layers(model))
+
+
+def _strip_tfmot_pruning(model):
+    """``strip_pruning`` applied to a copy, so ``model`` is left untouched."""
+    sparsity = tfmot().sparsity.keras
+    with sparsity.prune_scope():
+        copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return sparsity.strip_pruning(copy)
+
+
+def _prepare_model(model):
+    """Return a model ready to convert; ``model`` itself is never modified.
+
+    A model still wrapped for pruning is stripped and rebuilt first:
+    keras_rebuild's ``StructuredPruningWrapper`` layers are handled by
+    ``keras_rebuild.rebuild`` (when that module is available) and
+    tensorflow-model-optimization's ``PruneLowMagnitude`` wrappers by
+    ``tfmot.sparsity.keras.strip_pruning`` on a copy.
+    """
+    try:
+        from keras_rebuild import wrappers as _wrappers  # noqa: WPS433 (lazy on purpose)
+
+        wrapper_cls = _wrappers.StructuredPruningWrapper
+        if any(isinstance(layer, wrapper_cls) for layer in _iter_layers(model)):
+            import keras_rebuild
+
+            logger.info("Model has StructuredPruningWrapper layers: rebuilding it before export.")
+            model = keras_rebuild.rebuild(model)
+    except (ImportError, AttributeError):
+        pass
+    if _has_tfmot_pruning(model):
+        logger.info("Model has tfmot PruneLowMagnitude wrappers: stripping them (on a copy) before export.")
+        model = _strip_tfmot_pruning(model)
+    return model
+
+
+# --------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------
+
+
+def _input_specs(model) -> List[tuple]:
+    """``[(name, shape_without_batch, numpy_dtype)]`` for each model input."""
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise NotAModelError(
+            "Expected `model` to be a built Keras model with known inputs (call it once or "
+            f"give it an `Input`). Received: {received('model', model)}"
+        )
+    names = list(getattr(model, "input_names", None) or [])
+    specs = []
+    for i, t in enumerate(inputs):
+        name = names[i] if i < len(names) else t.name.split(":")[0]
+        specs.append((name, tuple(t.shape[1:]), t.dtype.as_numpy_dtype))
+    return specs
+
+
+def _output_names(model) -> List[str]:
+    names = list(getattr(model, "output_names", None) or [])
+    n = len(model.outputs) if getattr(model, "outputs", None) else len(names)
+    if len(names) != n:
+        names = [f"output_{i}" for i in range(n)]
+    return names
+
+
+def _as_sample_list(x, specs, arg_name) -> List[np.ndarray]:
+    """Normalise one batch (array, list/tuple or dict of arrays) to a list in model-input order."""
+    n = len(specs)
+    if isinstance(x, Mapping):
+        missing = [name for name, _, _ in specs if name not in x]
+        if missing:
+            raise InvalidArgumentError(
+                f"Expected `{arg_name}` to have a key for each model input {[s[0] for s in specs]}. "
+                f"Received: keys={sorted(map(str, x))}"
+            )
+        x = [x[name] for name, _, _ in specs]
+    elif not isinstance(x, (list, tuple)):
+        x = [x]
+    x = [np.asarray(a) for a in x]
+    if len(x) != n:
+        raise InvalidArgumentError(
+            f"Expected `{arg_name}` to hold {n} array(s), one per model input. Received: {len(x)} array(s)"
+        )
+    out = []
+    for a, (name, shape, dtype) in zip(x, specs):
+        if a.ndim == len(shape):  # a single sample without batch axis
+            a = a[None]
+        if a.ndim != len(shape) + 1:
+            raise InvalidArgumentError(
+                f"Expected `{arg_name}` arrays for input {name!r} of shape (batch, {', '.join(map(str, shape))}). "
+                f"Received: shape={a.shape}"
+            )
+        out.append(a.astype(dtype, copy=False))
+    if len({a.shape[0] for a in out}) != 1:
+        raise InvalidArgumentError(
+            f"Expected all `{arg_name}` arrays to have the same batch size. "
+            f"Received: batch sizes={[a.shape[0] for a in out]}"
+        )
+    return out
+
+
+def _split_element(element, n_inputs):
+    """Pick the model inputs out of a dataset element that may be ``(x, y)`` or ``(x, y, w)``."""
+    if isinstance(element, Mapping):
+        return element
+    if isinstance(element, (list, tuple)):
+        if n_inputs == 1 and len(element) in (2, 3):
+            return element[0]
+        if n_inputs > 1 and len(element) in (2, 3) and isinstance(element[0], (list, tuple, Mapping)):
+            return element[0]
+    return element
+
+
+def _representative_batches(data, specs, limit: int) -> List[List[np.ndarray]]:
+    """Materialise up to ``limit`` samples of representative data, as lists of batch-1 arrays."""
+    if isinstance(data, (np.ndarray, Mapping)) or (
+        isinstance(data, (list, tuple)) and data and all(isinstance(a, np.ndarray) for a in data)
+        and len(data) == len(specs)
+    ):
+        batches = [_as_sample_list(data, specs, "representative_data")]
+    else:
+        if isinstance(data, tf.data.Dataset):
+            data = data.as_numpy_iterator()
+        elif callable(data):
+            data = data()
+        batches = []
+        total = 0
+        try:
+            iterator = iter(data)
+        except TypeError as exc:
+            raise InvalidArgumentTypeError(
+                "Expected `representative_data` to be a numpy array, a list/dict of arrays (one per input), "
+                f"a tf.data.Dataset or an iterable of batches. Received: {received('representative_data', data)}"
+            ) from exc
+        for element in iterator:
+            element = tf.nest.map_structure(np.asarray, _split_element(element, len(specs)))
+            batch = _as_sample_list(element, specs, "representative_data")
+            batches.append(batch)
+            total += batch[0].shape[0]
+            if total >= limit:
+                break
+    samples = []
+    for batch in batches:
+        for i in range(batch[0].shape[0]):
+            samples.append([a[i : i + 1] for a in batch])
+            if len(samples) >= limit:
+                return samples
+    if not samples:
+        raise InvalidArgumentError("Expected `representative_data` to hold at least one sample. Received: none")
+    return samples
+
+
+def _concat_samples(samples: List[List[np.ndarray]]) -> List[np.ndarray]:
+    return [np.concatenate([s[i] for s in samples], axis=0) for i in range(len(samples[0]))]
+
+
+def _random_inputs(specs, batch: int, seed: int) -> List[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    xs = []
+    for name, shape, dtype in specs:
+        if any(d is None for d in shape):
+            raise InvalidArgumentError(
+                f"Input {name!r} has unknown dimensions {shape}; pass `sample_inputs` to verify it. "
+                f"Received: sample_inputs=None"
+            )
+        size = (batch,) + tuple(shape)
+        if np.issubdtype(dtype, np.integer):
+            xs.append(rng.integers(0, 10, size=size).astype(dtype))
+        elif np.issubdtype(dtype, np.bool_):
+            xs.append(rng.integers(0, 2, size=size).astype(bool))
+        else:
+            xs.append(rng.normal(size=size).astype(dtype))
+    return xs
+
+
+# --------------------------------------------------------------------------
+# Interpreter helpers
+# --------------------------------------------------------------------------
+
+
+def _make_interpreter(content: bytes, num_threads: int = 1):
+    """A LiteRT interpreter for ``content`` (a seam the tests spy on)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=bytes(content), num_threads=num_threads)
+
+
+def _load_content(path_or_bytes: PathOrBytes) -> bytes:
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        return bytes(path_or_bytes)
+    if isinstance(path_or_bytes, ExportResult):
+        return path_or_bytes.content
+    if isinstance(path_or_bytes, (str, os.PathLike)):
+        with open(path_or_bytes, "rb") as f:
+            return f.read()
+    raise InvalidArgumentTypeError(
+        "Expected a path to a .tflite file, its bytes or an ExportResult. "
+        f"Received: {received('path_or_bytes', path_or_bytes)}"
+    )
+
+
+def _quantize_input(x: np.ndarray, detail) -> np.ndarray:
+    dtype = detail["dtype"]
+    scale, zero_point = detail["quantization"]
+    if np.issubdtype(dtype, np.integer) and scale and not np.issubdtype(x.dtype, np.integer):
+        info = np.iinfo(dtype)
+        q = np.round(x.astype(np.float64) / scale + zero_point)
+        return np.clip(q, info.min, info.max).astype(dtype)
+    return x.astype(dtype, copy=False)
+
+
+def _dequantize_output(y: np.ndarray, detail) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    if np.issubdtype(y.dtype, np.integer) and scale:
+        return (y.astype(np.float32) - zero_point) * np.float32(scale)
+    return y
+
+
+def _shape_key(shape) -> tuple:
+    return tuple(int(d) if d is not None and int(d) >= 0 else -1 for d in list(shape)[1:])
+
+
+def _match(names: Sequence[str], shapes: Sequence[tuple], details: Sequence[dict], what: str) -> List[dict]:
+    """Match Keras tensors (by name, then shape, then order) to interpreter tensor details.
+
+    ``details`` carry a ``"key"`` (signature name, if any) and ``"shape_signature"``.
+    """
+    if len(details) != len(names):
+        raise VerificationError(
+            f"The TFLite model has {len(details)} {what}s but the Keras model has {len(names)}."
+        )
+    by_key = {d.get("key"): d for d in details if d.get("key") is not None}
+    if by_key and all(n in by_key for n in names):
+        return [by_key[n] for n in names]
+    # Name suffixes such as ``serving_default_<name>:0``.
+    chosen: List[Optional[dict]] = [None] * len(names)
+    used = set()
+    for i, n in enumerate(names):
+        for j, d in enumerate(details):
+            if j in used:
+                continue
+            tname = d["name"].split(":")[0]
+            if d.get("key") == n or tname == n or tname.endswith("_" + n):
+                chosen[i], _ = d, used.add(j)
+                break
+    # Then unique shapes, then the remaining ones in order.
+    for i, s in enumerate(shapes):
+        if chosen[i] is not None:
+            continue
+        cands = [j for j, d in enumerate(details) if j not in used and _shape_key(d["shape_signature"]) == s]
+        if len(cands) == 1 or (cands and sum(1 for t in shapes if t == s) == 1):
+            chosen[i] = details[cands[0]]
+            used.add(cands[0])
+    rest = [j for j in range(len(details)) if j not in used]
+    for i in range(len(chosen)):
+        if chosen[i] is None:
+            chosen[i] = details[rest.pop(0)]
+    return chosen  # type: ignore[return-value]
+
+
+def _io_details(interpreter):
+    """Input and output details, keyed by signature names when the model has a signature."""
+    inputs = [dict(d) for d in interpreter.get_input_details()]
+    outputs = [dict(d) for d in interpreter.get_output_details()]
+    try:
+        signatures = interpreter.get_signature_list()
+    except Exception:  # pragma: no cover - very old flatbuffers
+        signatures = {}
+    if len(signatures) == 1:
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        in_idx = {d["index"]: k for k, d in runner.get_input_details().items()}
+        out_idx = {d["index"]: k for k, d in runner.get_output_details().items()}
+        for d in inputs:
+            d["key"] = in_idx.get(d["index"])
+        for d in outputs:
+            d["key"] = out_idx.get(d["index"])
+    return inputs, outputs
+
+
+def _invoke(interpreter, in_details, out_details, xs: List[np.ndarray]) -> List[np.ndarray]:
+    """Run the interpreter on a batch, resizing the batch axis (or looping sample by sample)."""
+    batch = xs[0].shape[0]
+    try:
+        for d, x in zip(in_details, xs):
+            if tuple(d["shape"]) != x.shape:
+                interpreter.resize_tensor_input(d["index"], list(x.shape), strict=False)
+        interpreter.allocate_tensors()
+        for d, x in zip(in_details, xs):
+            interpreter.set_tensor(d["index"], _quantize_input(x, d))
+        interpreter.invoke()
+        return [_dequantize_output(interpreter.get_tensor(d["index"]).copy(), d) for d in out_details]
+    except (ValueError, RuntimeError):
+        if batch == 1:
+            raise
+        logger.debug("Batch resize failed; running the TFLite model one sample at a time.")
+    outs = [_invoke(interpreter, in_details, out_details, [x[i : i + 1] for x in xs]) for i in range(batch)]
+    return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(out_details))]
+
+
+def run_tflite(path_or_bytes: PathOrBytes, inputs, model=None, num_threads: int = 1) -> List[np.ndarray]:
+    """Run a TFLite model in the LiteRT interpreter on a batch of inputs.
+
+    Int8/uint8 input tensors are quantized with their scale and zero point and
+    quantized outputs are dequantized, so float inputs and float outputs work
+    for every quantization mode.
+
+    Args:
+        path_or_bytes: Path of a ``.tflite`` file, its bytes, or an ``ExportResult``.
+        inputs: A batch: an array, a list of arrays, or a dict keyed by input name.
+        model: Optional Keras model the file was exported from. When given,
+            lists follow ``model.inputs`` order and outputs are returned in
+            ``model.outputs`` order, matched by name and shape. Otherwise lists
+            follow the interpreter's input order.
+        num_threads: Interpreter threads.
+
+    Returns:
+        A list of float (or the model's output dtype) numpy arrays, one per output.
+
+    Raises:
+        InvalidArgumentError: If the inputs do not fit the model.
+
+    Example:
+        >>> result = export_tflite(model)                  # doctest: +SKIP
+        >>> probs, = run_tflite(result, x_test, model=model)  # doctest: +SKIP
+    """
+    content = _load_content(path_or_bytes)
+    interpreter = _make_interpreter(content, num_threads=num_threads)
+    in_details, out_details = _io_details(interpreter)
+    if model is not None:
+        specs = _input_specs(model)
+        xs = _as_sample_list(inputs, specs, "inputs")
+        in_details = _match([s[0] for s in specs], [_shape_key((None,) + s[1]) for s in specs], in_details, "input")
+        out_names = _output_names(model)
+        out_shapes = [_shape_key(t.shape) for t in model.outputs]
+        out_details = _match(out_names, out_shapes, out_details, "output")
+    else:
+        if isinstance(inputs, Mapping):
+            keys = [d.get("key") or d["name"] for d in in_details]
+            inputs = [inputs[k] for k in keys]
+        elif not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        xs = [np.asarray(a) for a in inputs]
+    return _invoke(interpreter, in_details, out_details, xs)
+
+
+# --------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------
+
+
+def _keras_outputs(model, xs: List[np.ndarray]) -> List[np.ndarray]:
+    """The Keras model's outputs on ``xs`` as a list (a seam the tests patch)."""
+    out = model(xs if len(xs) > 1 else xs[0], training=False)
+    if isinstance(out, Mapping):
+        return [np.asarray(out[k]) for k in _output_names(model)]
+    if isinstance(out, (list, tuple)):
+        return [np.asarray(o) for o in out]
+    return [np.asarray(out)]
+
+
+def _convert(model, quantize: str, int8_io: bool, calibration: Optional[List[List[np.ndarray]]], specs) -> bytes:
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if quantize == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif quantize == "int8":
+        names = [s[0] for s in specs]
+
+        def representative_dataset():
+            for sample in calibration:
+                # Dicts keyed by input name: the converter's own input order may differ from Keras's.
+                yield {n: a.astype(np.float32) for n, a in zip(names, sample)}
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if int8_io:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+    with warnings.catch_warnings():
+        # The converter's own calibrator uses tf.lite.Interpreter internally.
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected.*")
+        return bytes(converter.convert())
+
+
+def _verify(
+    model, content: bytes, xs: List[np.ndarray], atol: float, rtol: float, min_top1: Optional[float]
+) -> VerificationResult:
+    expected = _keras_outputs(model, xs)
+    got = run_tflite(content, xs, model=model)
+    names = _output_names(model)
+    per_output = []
+    passed = True
+    abs_sum, count, top1s = 0.0, 0, []
+    for name, e, g in zip(names, expected, got):
+        e = np.asarray(e, dtype=np.float64)
+        g = np.asarray(g, dtype=np.float64)
+        if e.shape != g.shape:
+            raise VerificationError(
+                f"The TFLite output {name!r} has shape {g.shape} but the Keras output has shape {e.shape}."
+            )
+        diff = np.abs(e - g)
+        scale = float(np.max(np.abs(e))) if e.size else 0.0
+        max_err = float(diff.max()) if diff.size else 0.0
+        top1 = None
+        if e.ndim == 2 and e.shape[1] > 1:
+            top1 = float(np.mean(np.argmax(e, axis=1) == np.argmax(g, axis=1)))
+            top1s.append(top1)
+        ok = bool(np.isfinite(max_err) and max_err <= atol + rtol * scale)
+        passed = passed and ok
+        abs_sum += float(diff.sum())
+        count += diff.size
+        per_output.append(
+            {"name": name, "max_abs_error": max_err, "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
+             "scale": scale, "top1_agreement": top1, "passed": ok}
+        )
+    top1_agreement = min(top1s) if top1s else None
+    if min_top1 is not None and top1_agreement is not None and top1_agreement < min_top1:
+        passed = False
+    return VerificationResult(
+        max_abs_error=max(p["max_abs_error"] for p in per_output),
+        mean_abs_error=abs_sum / max(count, 1),
+        top1_agreement=top1_agreement,
+        passed=passed,
+        num_samples=int(xs[0].shape[0]),
+        output_scale=max(p["scale"] for p in per_output),
+        atol=atol,
+        rtol=rtol,
+        min_top1=min_top1,
+        per_output=per_output,
+    )
+
+
+def _write_atomic(path: str, content: bytes, overwrite: bool) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        if not overwrite and os.path.exists(path):
+            raise OutputExistsError(
+                f"Expected `path` to not exist (pass `overwrite=True` to replace it). Received: path={path!r}"
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def export_tflite(
+    model: "keras.Model",
+    path: Optional[Union[str, "os.PathLike[str]"]] = None,
+    quantize: Optional[str] = None,
+    representative_data: Any = None,
+    verify: bool = True,
+    int8_io: bool = False,
+    sample_inputs: Any = None,
+    overwrite: bool = False,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    min_top1: Optional[float] = None,
+    num_calibration_samples: int = 200,
+    num_verify_samples: int = 32,
+    seed: int = 0,
+) -> ExportResult:
+    """Convert a Keras model to TFLite, check it in LiteRT, and write it atomically.
+
+    A model still wrapped for pruning is stripped and rebuilt first
+    (keras_rebuild's structured pruning wrappers via ``rebuild``, and
+    tensorflow-model-optimization's ``prune_low_magnitude`` wrappers via
+    ``strip_pruning`` on a copy). The model passed in is never modified.
+
+    With ``verify=True`` the converted model runs in the LiteRT interpreter on
+    sample inputs (``sample_inputs``, else the first samples of
+    ``representative_data``, else seeded standard-normal inputs) and its
+    outputs are compared with the Keras model's. Quantized inputs and outputs
+    are (de)quantized with their scale and zero point, and tensors are matched
+    to the Keras inputs and outputs by name, then shape. An output passes when
+    ``max_abs_error <= atol + rtol * scale``, where ``scale`` is its largest
+    absolute Keras value. Defaults (``DEFAULT_TOLERANCES``):
+
+    - ``"float32"``: ``atol=1e-6, rtol=1e-4`` (round-off only).
+    - ``"float16"``: ``atol=1e-3, rtol=2e-2``.
+    - ``"dynamic"`` and ``"int8"``: ``atol=1e-2, rtol=0.3`` -- generous, to
+      catch broken conversions, not to certify accuracy.
+
+    Top-1 agreement is reported for outputs of shape ``(batch, classes)`` and
+    is only enforced when ``min_top1`` is given (on random inputs an untrained
+    model's near-tied classes flip easily, so it is not checked by default).
+    Nothing is written when verification fails.
+
+    Args:
+        model: A built Keras model (functional, Sequential, or built subclassed).
+        path: Where to write the ``.tflite`` file. ``None`` keeps the bytes
+            in memory only (``result.content``).
+        quantize: ``None`` or ``"float32"`` (no quantization), ``"float16"``
+            (float16 weights), ``"dynamic"`` (int8 weights, float activations)
+            or ``"int8"`` (full integer; needs ``representative_data``).
+        representative_data: Calibration inputs for ``"int8"``: a numpy array
+            of samples ``(n, ...)``, a list or dict of arrays for multi-input
+            models, a ``tf.data.Dataset`` or an iterable of batches (elements
+            ``(x, y)`` are accepted; ``y`` is ignored).
+        verify: Compare LiteRT with Keras before writing.
+        int8_io: Make the input and output tensors int8 (microcontrollers,
+            NPUs). Only valid with ``quantize="int8"``.
+        sample_inputs: Inputs to verify on (same forms as ``representative_data``
+            for a single batch).
+        overwrite: Replace an existing file at ``path``.
+        atol: Absolute verification tolerance; default per mode (see above).
+        rtol: Verification tolerance relative to each output's scale.
+        min_top1: Minimum top-1 agreement (0..1) required to pass, or ``None``.
+        num_calibration_samples: At most this many representative samples are
+            used for calibration.
+        num_verify_samples: Samples used for verification when
+            ``sample_inputs`` is not given.
+        seed: Seed of the random verification inputs.
+
+    Returns:
+        An ``ExportResult`` with the path, sizes, verification numbers and
+        the flatbuffer bytes (``result.content``).
+
+    Raises:
+        NotAModelError: If ``model`` is not a Keras model.
+        InvalidArgumentError: For an unknown ``quantize``, ``"int8"`` without
+            ``representative_data``, ``int8_io`` without ``"int8"``, or
+            malformed data.
+        OutputExistsError: If ``path`` exists and ``overwrite`` is False.
+        VerificationError: If the TFLite outputs are outside tolerance.
+
+    Example:
+        >>> (x, y), (xt, yt) = load_digits()                                 # doctest: +SKIP
+        >>> result = export_tflite(model, "digits_int8.tflite", quantize="int8",
+        ...                        representative_data=x[:200])              # doctest: +SKIP
+        >>> print(result)                                                   # doctest: +SKIP
+    """
+    if not isinstance(model, keras.Model):
+        raise NotAModelError(f"Expected `model` to be a keras.Model. Received: {received('model', model)}")
+    mode = "float32" if quantize is None else quantize
+    if mode not in QUANTIZE_MODES:
+        raise InvalidArgumentError(
+            f"Expected `quantize` to be one of {(None,) + QUANTIZE_MODES}. Received: {received('quantize', quantize)}"
+        )
+    if int8_io and mode != "int8":
+        raise InvalidArgumentError(
+            "Expected `int8_io=True` only with quantize='int8' (integer input/output tensors need a fully "
+            f"integer model). Received: int8_io=True, {received('quantize', quantize)}"
+        )
+    if mode == "int8" and representative_data is None:
+        raise InvalidArgumentError(
+            "Expected `representative_data` (e.g. a few hundred training inputs) with quantize='int8': "
+            "full-integer quantization calibrates activation ranges on it. Received: representative_data=None"
+        )
+    for arg, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not value >= 0:
+            raise InvalidArgumentError(f"Expected `{arg}` to be >= 0. Received: {received(arg, value)}")
+    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
+        raise InvalidArgumentError(f"Expected `min_top1` to be in [0, 1]. Received: {received('min_top1', min_top1)}")
+    if path is not None:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise InvalidArgumentError(f"Expected `path` to be a file path, not a directory. Received: path={path!r}")
+        if os.path.exists(path) and not overwrite:
+            raise OutputExistsError(
+                f"Expected `path` to not exist (pass `overwrite=True` to replace it). Received: path={path!r}"
+            )
+
+    specs = _input_specs(model)
+    prepared = _prepare_model(model)
+    calibration = None
+    if representative_data is not None:
+        limit = max(num_calibration_samples, num_verify_samples) if mode == "int8" else num_verify_samples
+        calibration = _representative_batches(representative_data, specs, limit)
+
+    logger.info("Converting %s to TFLite (%s).", model.name, mode)
+    content = _convert(prepared, mode, int8_io, calibration[:num_calibration_samples] if calibration else None, specs)
+
+    verification = None
+    if verify:
+        if sample_inputs is not None:
+            xs = _as_sample_list(sample_inputs, specs, "sample_inputs")
+        elif calibration is not None:
+            xs = _concat_samples(calibration[:num_verify_samples])
+        else:
+            xs = _random_inputs(specs, num_verify_samples, seed)
+        tol = DEFAULT_TOLERANCES[mode]
+        # Compare with the model as given (not the stripped/rebuilt copy), so
+        # stripping and rebuilding are checked end to end too.
+        verification = _verify(
+            model,
+            content,
+            xs,
+            atol=tol["atol"] if atol is None else float(atol),
+            rtol=tol["rtol"] if rtol is None else float(rtol),
+            min_top1=min_top1,
+        )
+        logger.info("%s", verification)
+        if not verification.passed:
+            details = "; ".join(
+                f"{p['name']}: max abs error {p['max_abs_error']:.3g} (scale {p['scale']:.3g}"
+                + (f", top-1 agreement {100 * p['top1_agreement']:.1f}%" if p["top1_agreement"] is not None else "")
+                + ")"
+                for p in verification.per_output
+            )
+            raise VerificationError(
+                f"The {mode} TFLite model does not match the Keras model: {verification}. Per output: {details}. "
+                f"Nothing was written; raise `atol`/`rtol`/lower `min_top1`, or pass verify=False to export anyway."
+            )
+
+    if path is not None:
+        _write_atomic(path, content, overwrite)
+        logger.info("Wrote %s (%d bytes).", path, len(content))
+    return ExportResult(
+        path=path,
+        size_bytes=len(content),
+        gzipped_size_bytes=len(gzip.compress(content, compresslevel=9, mtime=0)),
+        quantize=mode,
+        int8_io=bool(int8_io),
+        verification=verification,
+        _content=content if path is None else None,
+    )
+
+
+# --------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------
+
+
+def _rss_bytes() -> tuple:
+    """``(current RSS in bytes or None, method)``."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss, "psutil RSS delta"
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE"), "/proc/self/statm RSS delta"
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None, "unavailable"
+
+
+def _benchmark_inputs(interpreter, in_details, inputs, seed: int = 0) -> None:
+    """Set benchmark inputs (random if ``inputs`` is None) and allocate."""
+    if inputs is None:
+        rng = np.random.default_rng(seed)
+        xs = []
+        for d in in_details:
+            shape = [int(s) for s in d["shape"]]
+            if np.issubdtype(d["dtype"], np.integer):
+                info = np.iinfo(d["dtype"])
+                xs.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, size=shape).astype(d["dtype"]))
+            else:
+                xs.append(rng.normal(size=shape).astype(d["dtype"]))
+    else:
+        if isinstance(inputs, Mapping):
+            inputs = [inputs[d.get("key") or d["name"]] for d in in_details]
+        elif not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        xs = [np.asarray(a) for a in inputs]
+        if len(xs) != len(in_details):
+            raise InvalidArgumentError(
+                f"Expected `inputs` to hold {len(in_details)} array(s). Received: {len(xs)} array(s)"
+            )
+        for d, x in zip(in_details, xs):
+            if tuple(d["shape"]) != x.shape:
+                interpreter.resize_tensor_input(d["index"], list(x.shape), strict=False)
+        interpreter.allocate_tensors()
+    for d, x in zip(in_details, xs):
+        interpreter.set_tensor(d["index"], _quantize_input(x, d))
+
+
+def _check_counts(num_threads, runs, warmup, rounds=1):
+    for name, value, low in (("num_threads", num_threads, 1), ("runs", runs, 1), ("warmup", warmup, 0),
+                             ("rounds", rounds, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgumentTypeError(f"Expected `{name}` to be an int. Received: {received(name, value)}")
+        if value < low:
+            raise InvalidArgumentError(f"Expected `{name}` to be >= {low}. Received: {received(name, value)}")
+
+
+def _time_invokes(interpreter, n: int) -> List[float]:
+    times = []
+    invoke = interpreter.invoke
+    for _ in range(n):
+        t0 = time.perf_counter()
+        invoke()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def benchmark_tflite(
+    path_or_bytes: PathOrBytes,
+    num_threads: int = 1,
+    runs: int = 50,
+    warmup: int = 5,
+    inputs: Any = None,
+) -> BenchmarkResult:
+    """Measure single-inference latency of a TFLite model in the LiteRT interpreter.
+
+    Only ``interpreter.invoke()`` is timed (``time.perf_counter``), after
+    ``warmup`` untimed runs (at least one, which also sizes the lazily
+    allocated buffers). Inputs are set once before timing.
+
+    Args:
+        path_or_bytes: Path of a ``.tflite`` file, its bytes, or an ``ExportResult``.
+        num_threads: Interpreter threads.
+        runs: Number of timed runs.
+        warmup: Number of untimed warm-up runs.
+        inputs: Inputs to run on (array, list in the interpreter's input order,
+            or dict keyed by signature input name). Default: random values of
+            the model's input shape (batch 1).
+
+    Returns:
+        A ``BenchmarkResult`` with median, mean and p90 latency in ms, the
+        file size and an approximate interpreter memory figure (process RSS
+        growth across interpreter creation and ``allocate_tensors()``).
+
+    Raises:
+        InvalidArgumentError: If a count is out of range or inputs do not fit.
+
+    Example:
+        >>> result = export_tflite(model, quantize="dynamic")   # doctest: +SKIP
+        >>> print(benchmark_tflite(result.content, runs=100))   # doctest: +SKIP
+    """
+    _check_counts(num_threads, runs, warmup)
+    content = _load_content(path_or_bytes)
+    rss0, method = _rss_bytes()
+    interpreter = _make_interpreter(content, num_threads=num_threads)
+    interpreter.allocate_tensors()
+    rss1, _ = _rss_bytes()
+    memory = None if rss0 is None or rss1 is None else max(0, rss1 - rss0)
+    in_details, _ = _io_details(interpreter)
+    _benchmark_inputs(interpreter, in_details, inputs)
+    interpreter.invoke()  # first warm-up run, also for the memory figure
+    rss2, _ = _rss_bytes()
+    memory_first = None if rss0 is None or rss2 is None else max(0, rss2 - rss0)
+    _time_invokes(interpreter, max(warmup - 1, 0))
+    times = _time_invokes(interpreter, runs)
+    arr = np.asarray(times)
+    return BenchmarkResult(
+        median_ms=float(np.median(arr)),
+        mean_ms=float(arr.mean()),
+        p90_ms=float(np.percentile(arr, 90)),
+        min_ms=float(arr.min()),
+        runs=runs,
+        warmup=warmup,
+        num_threads=num_threads,
+        size_bytes=len(content),
+        memory_bytes=memory,
+        memory_method=method + " (approximate)",
+        memory_after_first_invoke_bytes=memory_first,
+        times_ms=times,
+    )
+
+
+def compare_latency(
+    paths_or_bytes: Mapping[str, PathOrBytes],
+    num_threads: int = 1,
+    runs: int = 10,
+    rounds: int = 5,
+    warmup: int = 5,
+) -> LatencyComparison:
+    """Time several TFLite models interleaved, so machine noise hits all alike.
+
+    Every variant gets its own interpreter and ``warmup`` untimed runs; then,
+    in each of ``rounds`` rounds, each variant runs ``runs`` timed
+    ``invoke()`` calls in turn (the starting variant rotates every round).
+    Each variant is thus timed ``runs * rounds`` times.
+
+    Args:
+        paths_or_bytes: ``{name: path, bytes or ExportResult}``; the first
+            entry is the baseline of the ratios.
+        num_threads: Interpreter threads.
+        runs: Timed runs per variant per round.
+        rounds: Round-robin rounds.
+        warmup: Untimed warm-up runs per variant.
+
+    Returns:
+        A ``LatencyComparison`` with per-variant median latency (ms) and the
+        ratio of each median to the first variant's.
+
+    Raises:
+        InvalidArgumentError: If ``paths_or_bytes`` is empty or a count is out of range.
+
+    Example:
+        >>> cmp = compare_latency({"dense": "dense.tflite", "pruned": "pruned.tflite"})  # doctest: +SKIP
+        >>> cmp.ratios["pruned"]                                                         # doctest: +SKIP
+        0.52
+    """
+    _check_counts(num_threads, runs, warmup, rounds)
+    if not isinstance(paths_or_bytes, Mapping) or not paths_or_bytes:
+        raise InvalidArgumentError(
+            "Expected `paths_or_bytes` to be a non-empty dict {name: path or bytes}. "
+            f"Received: {received('paths_or_bytes', paths_or_bytes)}"
+        )
+    names = list(paths_or_bytes)
+    interpreters = {}
+    for name in names:
+        interpreter = _make_interpreter(_load_content(paths_or_bytes[name]), num_threads=num_threads)
+        interpreter.allocate_tensors()
+        in_details, _ = _io_details(interpreter)
+        _benchmark_inputs(interpreter, in_details, None)
+        _time_invokes(interpreter, warmup)
+        interpreters[name] = interpreter
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            times[name].extend(_time_invokes(interpreters[name], runs))
+    medians = {name: float(np.median(times[name])) for name in names}
+    base = medians[names[0]]
+    ratios = {name: (medians[name] / base if base > 0 else float("nan")) for name in names}
+    return LatencyComparison(
+        medians_ms=medians, ratios=ratios, times_ms=times, num_threads=num_threads, runs=runs, rounds=rounds
+    )
+
+
+__all__ = [
+    "export_tflite",
+    "ExportResult",
+    "VerificationResult",
+    "run_tflite",
+    "benchmark_tflite",
+    "BenchmarkResult",
+    "compare_latency",
+    "LatencyComparison",
+    "QUANTIZE_MODES",
+    "DEFAULT_TOLERANCES",
+]

@@ -1,0 +1,530 @@
+"""Handlers for the built-in Keras layers."""
+from __future__ import annotations
+
+import numpy as np
+
+from keras_rebuild._compat import keras, tf
+from keras_rebuild.handlers.base import LayerHandler, register_handler
+from keras_rebuild.handlers.common import (
+    MergeHandler,
+    MixingHandler,
+    PassThroughHandler,
+    ProbedPassThroughHandler,
+    TiedHandler,
+    activation_check,
+    probe_zero,
+    spatial_size,
+)
+
+L = keras.layers
+
+
+def _channels_last(layer) -> bool:
+    return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
+
+
+class _ChannelsFirstAware:
+    def connect(self, ctx, op):
+        if not _channels_last(op.layer):
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"'{op.layer.name}' uses data_format='channels_first' (only channels_last is supported)",
+                          op.path)
+            return
+        super().connect(ctx, op)
+
+
+# --------------------------------------------------------------------------- Dense
+@register_handler(L.Dense)
+class DenseHandler(MixingHandler):
+    units_key = "units"
+    kernel_in_axis = 0
+    kernel_out_axis = 1
+
+    def macs(self, layer, op, graph, n_in, n_out):
+        return spatial_size(graph.tensors[op.outputs[0]].shape) * n_in * n_out
+
+
+# --------------------------------------------------------------------------- Conv
+@register_handler(L.Conv1D, L.Conv2D, L.Conv3D)
+class ConvHandler(_ChannelsFirstAware, MixingHandler):
+    """Conv1D/2D/3D. ``groups == in_channels`` convs are depthwise-like (tied)."""
+
+    def connect(self, ctx, op):
+        layer = op.layer
+        groups = getattr(layer, "groups", 1)
+        if groups != 1:
+            c_in = ctx.channels(op.inputs[0])
+            if groups == c_in and _channels_last(layer):
+                ctx.tie(op.inputs[0], op.outputs[0], np.arange(ctx.channels(op.outputs[0])) // (layer.filters // groups))
+                elementwise, _ = activation_check(layer)
+                if not elementwise:
+                    ctx.block(op.outputs[0], f"the activation of '{layer.name}' couples its channels", op.path)
+                return
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"grouped conv '{layer.name}' (groups={groups}): removing channels would break "
+                             "its group sizes", op.path)
+            return
+        super().connect(ctx, op)
+
+    def _is_depthwise_like(self, layer):
+        return getattr(layer, "groups", 1) != 1
+
+    def depth_multiplier(self, layer):
+        if self._is_depthwise_like(layer):
+            return layer.filters // layer.groups
+        return 1
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        if not self._is_depthwise_like(layer):
+            return super().forward_zero(layer, weights, op, in_zero, out_channels)
+        m = self.depth_multiplier(layer)
+        k = weights[0]  # (..., 1, filters)
+        kz = (k == 0).reshape(-1, k.shape[-1]).all(axis=0)
+        b = self.bias(layer, weights)
+        bz = np.ones(k.shape[-1], bool) if b is None else b == 0
+        _, act0 = activation_check(layer)
+        return [(np.repeat(in_zero[0], m) | kz) & bz & act0]
+
+    def ignored_inputs(self, layer, weights, op):
+        if self._is_depthwise_like(layer):
+            return [None]
+        return super().ignored_inputs(layer, weights, op)
+
+    def weight_roles(self, layer):
+        if self._is_depthwise_like(layer):
+            roles = [{-1: "out"}]
+            if layer.use_bias:
+                roles.append({0: "out"})
+            return roles
+        return super().weight_roles(layer)
+
+    def update_config(self, layer, config, n_in, n_out):
+        config = super().update_config(layer, config, n_in, n_out)
+        if self._is_depthwise_like(layer):
+            config["groups"] = int(n_in)
+        return config
+
+    def macs(self, layer, op, graph, n_in, n_out):
+        k = int(np.prod(layer.kernel_size))
+        per_group_in = 1 if self._is_depthwise_like(layer) else n_in
+        return spatial_size(graph.tensors[op.outputs[0]].shape) * k * per_group_in * n_out
+
+
+@register_handler(L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+class ConvTransposeHandler(_ChannelsFirstAware, MixingHandler):
+    kernel_in_axis = -1
+    kernel_out_axis = -2
+
+    def macs(self, layer, op, graph, n_in, n_out):
+        k = int(np.prod(layer.kernel_size))
+        return spatial_size(graph.tensors[op.inputs[0]].shape) * k * n_in * n_out
+
+
+@register_handler(L.SeparableConv1D, L.SeparableConv2D)
+class SeparableConvHandler(_ChannelsFirstAware, MixingHandler):
+    """Depthwise then pointwise: mixing from input to output channels."""
+
+    def depth_multiplier(self, layer):
+        return layer.depth_multiplier
+
+    def kernel_zero_matrix(self, layer, weights):
+        dw, pw = weights[0], weights[1]
+        m = layer.depth_multiplier
+        c_in = dw.shape[-2]
+        dwz = (dw == 0).reshape(-1, c_in, m).all(axis=0)  # (c_in, m)
+        pwz = (pw == 0).reshape(-1, c_in, m, pw.shape[-1]).all(axis=0)  # (c_in, m, out)
+        return (dwz[:, :, None] | pwz).all(axis=1)
+
+    def bias(self, layer, weights):
+        return weights[2] if layer.use_bias else None
+
+    def weight_roles(self, layer):
+        roles = [{-2: "in"}, {-2: "in*m", -1: "out"}]
+        if layer.use_bias:
+            roles.append({0: "out"})
+        return roles
+
+    def macs(self, layer, op, graph, n_in, n_out):
+        s = spatial_size(graph.tensors[op.outputs[0]].shape)
+        m = layer.depth_multiplier
+        return s * int(np.prod(layer.kernel_size)) * n_in * m + s * n_in * m * n_out
+
+
+@register_handler(L.DepthwiseConv1D, L.DepthwiseConv2D)
+class DepthwiseConvHandler(_ChannelsFirstAware, TiedHandler):
+    def depth_multiplier(self, layer):
+        return layer.depth_multiplier
+
+    def connect(self, ctx, op):
+        super().connect(ctx, op)
+        elementwise, _ = activation_check(op.layer)
+        if not elementwise:
+            ctx.block(op.outputs[0], f"the activation of '{op.layer.name}' couples its channels", op.path)
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        k = weights[0]  # (..., C, m)
+        kz = (k == 0).reshape(-1, k.shape[-2] * k.shape[-1]).all(axis=0)
+        bz = (weights[1] == 0) if layer.use_bias else np.ones_like(kz)
+        _, act0 = activation_check(layer)
+        return [(np.repeat(in_zero[0], layer.depth_multiplier) | kz) & bz & act0]
+
+    def weight_roles(self, layer):
+        roles = [{-2: "in"}]
+        if layer.use_bias:
+            roles.append({0: "out"})
+        return roles
+
+    def macs(self, layer, op, graph, n_in, n_out):
+        return spatial_size(graph.tensors[op.outputs[0]].shape) * int(np.prod(layer.kernel_size)) * n_out
+
+
+# --------------------------------------------------------------------------- normalisation
+def _last_axis_only(layer, rank) -> bool:
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return [a % rank for a in axes] == [rank - 1]
+
+
+@register_handler(L.BatchNormalization)
+class BatchNormHandler(TiedHandler):
+    def connect(self, ctx, op):
+        rank = len(ctx.shape(op.inputs[0]))
+        if not _last_axis_only(op.layer, rank):
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"BatchNormalization '{op.layer.name}' normalises axis {op.layer.axis}, "
+                             "not the channel axis", op.path)
+            return
+        super().connect(ctx, op)
+
+    def _params(self, layer, weights):
+        i = 0
+        gamma = beta = None
+        if layer.scale:
+            gamma = weights[i]
+            i += 1
+        if layer.center:
+            beta = weights[i]
+            i += 1
+        return gamma, beta, weights[i], weights[i + 1]
+
+    def zero_map(self, layer, weights, op, channels):
+        gamma, beta, mean, var = self._params(layer, weights)
+        g = np.ones(channels, np.float32) if gamma is None else gamma
+        b = np.zeros(channels, np.float32) if beta is None else beta
+        inv = (1.0 / np.sqrt(var + np.float32(layer.epsilon))).astype(np.float32) * g
+        preserves = (b - mean * inv) == 0
+        kills = (g == 0) & (b == 0)
+        return preserves, kills
+
+    def weight_roles(self, layer):
+        return [{0: "in"} for _ in layer.weights]
+
+    def maskable(self, layer):
+        n = int(layer.scale) + int(layer.center)
+        return [i < n for i in range(len(layer.weights))]
+
+
+@register_handler(L.LayerNormalization, L.UnitNormalization)
+class LayerNormHandler(LayerHandler):
+    """Normalises over channels: removing one changes the others, so all stay."""
+
+    def connect(self, ctx, op):
+        rank = len(ctx.shape(op.inputs[0]))
+        axes = getattr(op.layer, "axis", -1)
+        axes = axes if isinstance(axes, (list, tuple)) else [axes]
+        if (rank - 1) not in [a % rank for a in axes]:
+            ctx.tie(op.inputs[0], op.outputs[0])
+            return
+        for t in op.inputs + op.outputs:
+            ctx.block(t, f"{type(op.layer).__name__} '{op.layer.name}' normalises over the channel axis", op.path)
+
+
+@register_handler(L.PReLU)
+class PReLUHandler(TiedHandler):
+    def weight_roles(self, layer):
+        alpha = layer.weights[0]
+        c = layer.input_shape[-1] if hasattr(layer, "input_shape") else None
+        return [{-1: "in"}] if alpha.shape[-1] == c and c != 1 else [{}]
+
+
+# --------------------------------------------------------------------------- pass-through
+PASS_THROUGH = [
+    L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise,
+    L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
+    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D,
+    L.AveragePooling3D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D,
+    L.UpSampling1D, L.UpSampling2D, L.UpSampling3D, L.RepeatVector,
+]
+if hasattr(L, "Identity"):
+    PASS_THROUGH.append(L.Identity)
+
+
+@register_handler(*PASS_THROUGH)
+class _PassThrough(_ChannelsFirstAware, PassThroughHandler):
+    pass
+
+
+@register_handler(L.ReLU, L.LeakyReLU, L.ELU, L.ThresholdedReLU)
+class _ProbedActivation(ProbedPassThroughHandler):
+    pass
+
+
+@register_handler(L.Activation)
+class ActivationHandler(ProbedPassThroughHandler):
+    def connect(self, ctx, op):
+        elementwise, _ = activation_check(op.layer)
+        if not elementwise:
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"activation of '{op.layer.name}' is not element-wise", op.path)
+            return
+        super().connect(ctx, op)
+
+
+@register_handler(L.Softmax)
+class SoftmaxHandler(ProbedPassThroughHandler):
+    def connect(self, ctx, op):
+        rank = len(ctx.shape(op.inputs[0]))
+        axes = op.layer.axis if isinstance(op.layer.axis, (list, tuple)) else [op.layer.axis]
+        if (rank - 1) in [a % rank for a in axes]:
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"Softmax '{op.layer.name}' normalises over the channel axis", op.path)
+            return
+        super().connect(ctx, op)
+
+
+@register_handler(L.Rescaling)
+class RescalingHandler(TiedHandler):
+    def connect(self, ctx, op):
+        if np.ndim(op.layer.scale) or np.ndim(op.layer.offset):
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"Rescaling '{op.layer.name}' has per-channel scale or offset", op.path)
+            return
+        super().connect(ctx, op)
+
+    def zero_map(self, layer, weights, op, channels):
+        return float(layer.offset) == 0.0, float(layer.scale) == 0.0
+
+
+# --------------------------------------------------------------------------- merges
+@register_handler(L.Add, L.Subtract, L.Average, L.Maximum, L.Minimum)
+class _SumLike(MergeHandler):
+    pass
+
+
+@register_handler(L.Multiply)
+class _Product(MergeHandler):
+    product = True
+
+
+@register_handler(L.Concatenate)
+class ConcatenateHandler(LayerHandler):
+    kind = "tied"
+
+    def _is_channel_axis(self, ctx, op):
+        rank = len(ctx.shape(op.outputs[0]))
+        return op.layer.axis % rank == rank - 1
+
+    def connect(self, ctx, op):
+        out = op.outputs[0]
+        if self._is_channel_axis(ctx, op):
+            offset = 0
+            for t in op.inputs:
+                c = ctx.channels(t)
+                ctx.tie_slice(out, offset, t)
+                offset += c
+        else:
+            for t in op.inputs:
+                ctx.tie(t, out)
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        if sum(len(z) for z in in_zero) == out_channels[0]:
+            return [np.concatenate(in_zero)]
+        return [np.logical_and.reduce(in_zero)]
+
+
+# --------------------------------------------------------------------------- reshapes
+def _flatten_map(in_shape, out_channels):
+    c = in_shape[-1]
+    return np.arange(out_channels) % c
+
+
+@register_handler(L.Flatten)
+class FlattenHandler(LayerHandler):
+    """Flatten: output index ``s * C + c`` carries input channel ``c``."""
+
+    kind = "tied"
+
+    def connect(self, ctx, op):
+        if not _channels_last(op.layer):
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"'{op.layer.name}' uses data_format='channels_first'", op.path)
+            return
+        in_shape = ctx.shape(op.inputs[0])
+        c_out = ctx.channels(op.outputs[0])
+        if any(d is None for d in in_shape[1:]):
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"Flatten '{op.layer.name}' has an input of unknown size {in_shape}", op.path)
+            return
+        ctx.tie(op.inputs[0], op.outputs[0], _flatten_map(in_shape, c_out))
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        return [in_zero[0][np.arange(out_channels[0]) % len(in_zero[0])]]
+
+
+@register_handler(L.Reshape)
+class ReshapeHandler(LayerHandler):
+    """Reshape that keeps the channel axis last (as in squeeze-excite), or flattens."""
+
+    kind = "tied"
+
+    def _mode(self, in_shape, out_shape):
+        if None in in_shape[1:] or None in out_shape[1:]:
+            if in_shape[-1] == out_shape[-1] and in_shape[-1] is not None:
+                return "same"
+            return None
+        if in_shape[-1] == out_shape[-1]:
+            return "same"
+        if len(out_shape) == 2 and out_shape[-1] == int(np.prod(in_shape[1:])):
+            return "flatten"
+        return None
+
+    def connect(self, ctx, op):
+        in_shape, out_shape = ctx.shape(op.inputs[0]), ctx.shape(op.outputs[0])
+        mode = self._mode(in_shape, out_shape)
+        if mode == "same":
+            ctx.tie(op.inputs[0], op.outputs[0])
+        elif mode == "flatten":
+            ctx.tie(op.inputs[0], op.outputs[0], _flatten_map(in_shape, out_shape[-1]))
+        else:
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"Reshape '{op.layer.name}' moves channels between axes "
+                             f"({in_shape[1:]} -> {out_shape[1:]})", op.path)
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        return [in_zero[0][np.arange(out_channels[0]) % len(in_zero[0])]]
+
+    def update_config(self, layer, config, n_in, n_out):
+        config = dict(config)
+        target = list(config["target_shape"])
+        if target[-1] != -1:
+            target[-1] = int(n_out)
+        config["target_shape"] = tuple(target)
+        return config
+
+
+# --------------------------------------------------------------------------- TF ops
+_UNARY = {
+    "nn.relu", "nn.relu6", "math.sigmoid", "nn.sigmoid", "math.tanh", "nn.tanh", "nn.silu", "nn.swish",
+    "nn.gelu", "math.abs", "nn.elu", "nn.selu", "nn.softplus", "math.negative", "math.square",
+    "math.sqrt", "math.exp", "identity", "nn.leaky_relu", "math.softplus", "cast", "clip_by_value",
+}
+_SUM = {"__operators__.add", "math.add", "math.subtract", "__operators__.sub", "math.maximum",
+        "math.minimum", "math.truediv", "__operators__.truediv", "math.divide"}
+_PRODUCT = {"math.multiply", "__operators__.mul", "math.multiply_no_nan"}
+
+
+class TFOpLambdaHandler(LayerHandler):
+    """Element-wise TensorFlow ops called on Keras tensors (``x + 3``, ``tf.nn.relu6(x)``)."""
+
+    kind = "tied"
+
+    def _fn(self, layer):
+        return layer.get_config().get("function", "")
+
+    def connect(self, ctx, op):
+        fn = self._fn(op.layer)
+        if fn in _UNARY and len(op.inputs) == 1:
+            TiedHandler.connect(self, ctx, op)
+            return
+        if fn in _SUM | _PRODUCT:
+            if not self._constants_scalar(op):
+                for t in op.inputs + op.outputs:
+                    ctx.block(t, f"'{op.layer.name}' ({fn}) uses a non-scalar constant", op.path)
+                return
+            MergeHandler.connect(self, ctx, op)
+            return
+        for t in op.inputs + op.outputs:
+            ctx.block(t, f"TF op '{op.layer.name}' ({fn}) is not known to keep channels apart", op.path)
+
+    def _constants_scalar(self, op):
+        for arg in tf.nest.flatten((op.node.call_args, op.node.call_kwargs)):
+            if hasattr(arg, "_keras_history") or arg is None or isinstance(arg, (str, bool)):
+                continue
+            if np.ndim(arg) != 0:
+                return False
+        return True
+
+    def depth_multiplier(self, layer):
+        return 1
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        fn = self._fn(layer)
+        cache = op.__dict__.setdefault("_probe", {})
+        if "zero" not in cache:
+            cache["zero"] = probe_zero(op, None)
+        c = out_channels[0]
+        zs = [z if len(z) == c else np.full(c, bool(z.all())) for z in in_zero]
+        if fn in _PRODUCT and len(zs) > 1:
+            return [np.logical_or.reduce(zs)]
+        return [np.logical_and.reduce(zs) & cache["zero"]]
+
+
+try:  # TFOpLambda lives in a private module
+    from tf_keras.src.layers.core.tf_op_layer import TFOpLambda
+
+    register_handler(TFOpLambda)(TFOpLambdaHandler)
+except ImportError:  # pragma: no cover
+    pass
+
+
+# --------------------------------------------------------------------------- keras.applications extras
+try:
+    from tf_keras.src.applications.convnext import LayerScale
+
+    @register_handler(LayerScale)
+    class LayerScaleHandler(TiedHandler):
+        """ConvNeXt's per-channel scale ``gamma * x``."""
+
+        def zero_map(self, layer, weights, op, channels):
+            return True, weights[0] == 0
+
+        def weight_roles(self, layer):
+            return [{0: "in"}]
+
+        def update_config(self, layer, config, n_in, n_out):
+            return dict(config, projection_dim=int(n_out))
+
+    from tf_keras.src.applications.convnext import StochasticDepth
+
+    register_handler(StochasticDepth)(PassThroughHandler)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@register_handler(L.Normalization)
+class NormalizationHandler(TiedHandler):
+    """Preprocessing normalisation: per-channel mean/variance on the last axis."""
+
+    def connect(self, ctx, op):
+        cfg = op.layer.get_config()
+        axis = cfg.get("axis")
+        axis = axis if isinstance(axis, (list, tuple)) else (axis,)
+        rank = len(ctx.shape(op.inputs[0]))
+        if cfg.get("mean") is not None or tuple(a % rank for a in axis) != (rank - 1,):
+            for t in op.inputs + op.outputs:
+                ctx.block(t, f"Normalization '{op.layer.name}' has fixed statistics or another axis", op.path)
+            return
+        super().connect(ctx, op)
+
+    def zero_map(self, layer, weights, op, channels):
+        if not weights:
+            return False, False
+        mean = np.asarray(weights[0]).reshape(-1)
+        return (mean == 0) if mean.size == channels else False, False
+
+    def weight_roles(self, layer):
+        return [{-1: "in"}, {-1: "in"}, {}]
+
+    def maskable(self, layer):
+        return [False, False, False]
