@@ -14,7 +14,10 @@ from keras_rebuild import errors, handlers
 from keras_rebuild.data import digits_cnn, load_digits
 from keras_rebuild.groups import Analysis, ChannelGroup
 from keras_rebuild.handlers import register_handler
+from keras_rebuild.importance import Criterion, get_criterion
+from keras_rebuild.plan import Plan, make_plan, select_channels
 from keras_rebuild.rebuild import RebuildReport, rebuild
+from keras_rebuild.recover import recalibrate_batchnorm, recover
 
 __version__ = "0.1.0"
 
@@ -35,5 +38,7 @@ def analyze(model) -> Analysis:
 
 __all__ = [
     "Analysis", "ChannelGroup", "RebuildReport", "analyze", "rebuild", "register_handler",
+    "Criterion", "get_criterion", "Plan", "make_plan", "select_channels",
+    "recover", "recalibrate_batchnorm",
     "errors", "handlers", "digits_cnn", "load_digits", "__version__",
 ]

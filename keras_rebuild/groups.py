@@ -252,6 +252,13 @@ class Analysis:
                 reasons=tuple(sorted(reasons)),
             ))
         groups.sort(key=lambda grp: order.get(grp.name, 0))
+        # Group names key plans and scores: make them unique when two writer sets share a first writer.
+        seen: Dict[str, int] = {}
+        for grp in groups:
+            seen[grp.name] = seen.get(grp.name, 0) + 1
+        for grp in groups:
+            if seen[grp.name] > 1:
+                grp.name = "+".join(grp.writers)
         self.groups = groups
         self._reasons_of = reasons_of
 

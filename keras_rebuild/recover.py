@@ -616,7 +616,7 @@ def recalibrate_batchnorm(
         for v, value in zip(others, snapshot):
             v.assign(value)
         raise InvalidArgumentError(
-            f"Expected `x` to contain at least one sample. Received: x with 0 samples"
+            "Expected `x` to contain at least one sample. Received: x with 0 samples"
         )
     for acc, layer in zip(sums, layers):
         mean = acc[0] / count

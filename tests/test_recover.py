@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import weights_digest
+from tests.conftest import weights_digest
 from keras_rebuild._compat import keras, tf
 from keras_rebuild.data import digits_cnn, load_digits
 from keras_rebuild.errors import (
