@@ -1,6 +1,7 @@
 """Rebuild a model with physically smaller layers that computes exactly the same function."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -158,6 +159,7 @@ def rebuild(model, *, return_report: bool = False):
 
 def strip_any_wrappers(model):
     """Strip keras_rebuild's or tfmot's pruning wrappers (on a copy); else return ``model``."""
+    check_model(model)  # NotAModelError/UnsupportedModelError, not AttributeError, for bad input
     layers = _all_layers(model)
     names = {type(layer).__name__ for layer in layers}
     if "StructuredPruningWrapper" in names:
@@ -181,10 +183,14 @@ def _all_layers(model):
     return out
 
 
-def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
-    """Build the smaller model for a removal decision (``remove``: bool per component)."""
+def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = True):
+    """Per layer: the new config and sliced weights for ``kept`` channels, and the cost rows.
+
+    Returns:
+        ``(new_configs, new_weights, layer_reports, macs_before, macs_after)``;
+        with ``build=False`` only the reports and MACs are computed.
+    """
     g = analysis.graph
-    kept = analysis.kept_indices(remove)
     new_configs: Dict[str, dict] = {}
     new_weights: Dict[str, List[np.ndarray]] = {}
     layer_reports: List[LayerReport] = []
@@ -203,11 +209,12 @@ def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
         k_in = kept[in_t] if in_t is not None else np.arange(0)
         k_out = kept[out_t] if out_t is not None else np.arange(0)
         changed = len(k_in) != c_in or len(k_out) != c_out
+        sliced = weights
         if changed and handler.kind != "blocked":
-            new_configs[path] = handler.update_config(layer, layer.get_config(), len(k_in), len(k_out))
-            new_weights[path] = handler.slice_weights(layer, weights, k_in, k_out) if weights else []
-        else:
-            new_weights[path] = weights
+            if build:
+                new_configs[path] = handler.update_config(layer, layer.get_config(), len(k_in), len(k_out))
+            sliced = handler.slice_weights(layer, weights, k_in, k_out) if weights else []
+        new_weights[path] = sliced
         m_before = sum(handler.macs(layer, o, g, c_in, c_out) for o in ops)
         m_after = sum(handler.macs(layer, o, g, len(k_in), len(k_out)) for o in ops)
         macs_before += m_before
@@ -217,9 +224,30 @@ def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
                 name=path, class_name=type(layer).__name__, in_before=c_in, in_after=len(k_in),
                 out_before=c_out, out_after=len(k_out),
                 params_before=int(sum(np.size(w) for w in weights)),
-                params_after=int(sum(np.size(w) for w in new_weights[path])),
+                params_after=int(sum(np.size(w) for w in sliced)),
                 macs_before=int(m_before), macs_after=int(m_after),
             ))
+    return new_configs, new_weights, layer_reports, int(macs_before), int(macs_after)
+
+
+def cost_report(analysis: Analysis, remove: Optional[np.ndarray] = None) -> RebuildReport:
+    """The report ``rebuild`` would give for ``remove`` (default: nothing), without building."""
+    if remove is None:
+        remove = np.zeros(analysis.num_components, bool)
+    kept = analysis.kept_indices(remove)
+    _, new_weights, rows, mb, ma = slice_layers(analysis, kept, build=False)
+    params_before = int(sum(np.size(w) for ws in analysis.weights.values() for w in ws))
+    params_after = int(sum(np.size(w) for ws in new_weights.values() for w in ws))
+    groups = [GroupReport(grp.name, grp.size, int((~remove[grp.components]).sum()), grp.reasons)
+              for grp in analysis.groups]
+    return RebuildReport(rows, groups, params_before, params_after, mb, ma)
+
+
+def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
+    """Build the smaller model for a removal decision (``remove``: bool per component)."""
+    g = analysis.graph
+    kept = analysis.kept_indices(remove)
+    new_configs, new_weights, layer_reports, macs_before, macs_after = slice_layers(analysis, kept)
     # Inputs of nested models change shape with the tensors that feed them.
     input_shapes: Dict[str, tuple] = {}
     for path, sub in g.models.items():
@@ -252,10 +280,18 @@ def _build(model, new_configs, input_shapes):
             custom[keras.saving.get_registered_name(cls)] = cls
         except Exception:  # pragma: no cover - defensive
             pass
-    with keras.utils.custom_object_scope(custom):
+    # The config is the caller's own in-memory model: a Python `lambda` in a Lambda layer is
+    # their code, so Keras' safe mode (meant for loading untrusted files) must not refuse it.
+    with keras.utils.custom_object_scope(custom), _unsafe_deserialization():
         if isinstance(model, keras.Sequential):
             return keras.Sequential.from_config(config)
         return keras.Model.from_config(config)
+
+
+def _unsafe_deserialization():
+    scope = getattr(getattr(getattr(keras, "src", None), "saving", None), "serialization_lib", None)
+    scope = getattr(scope, "SafeModeScope", None)
+    return scope(False) if scope is not None else contextlib.nullcontext()
 
 
 def _edit_config(config, prefix, new_configs, input_shapes, top=False):
