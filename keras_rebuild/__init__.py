@@ -18,6 +18,7 @@ from keras_rebuild.importance import Criterion, get_criterion
 from keras_rebuild.plan import Plan, make_plan, select_channels
 from keras_rebuild.rebuild import RebuildReport, rebuild
 from keras_rebuild.recover import recalibrate_batchnorm, recover
+from keras_rebuild.compress import CompressionReport, compress
 from keras_rebuild.wrappers import StructuredPruningWrapper, UpdatePruningStep, prune_channels, strip_pruning
 from keras_rebuild.export import (
     BenchmarkResult, ExportResult, benchmark_tflite, compare_latency, export_tflite, run_tflite,
@@ -43,7 +44,7 @@ def analyze(model) -> Analysis:
 __all__ = [
     "Analysis", "ChannelGroup", "RebuildReport", "analyze", "rebuild", "register_handler",
     "Criterion", "get_criterion", "Plan", "make_plan", "select_channels",
-    "recover", "recalibrate_batchnorm",
+    "recover", "recalibrate_batchnorm", "compress", "CompressionReport",
     "prune_channels", "strip_pruning", "UpdatePruningStep", "StructuredPruningWrapper",
     "export_tflite", "benchmark_tflite", "compare_latency", "run_tflite", "ExportResult", "BenchmarkResult",
     "errors", "handlers", "digits_cnn", "load_digits", "__version__",
