@@ -327,14 +327,30 @@ def test_layer_normalization_and_softmax_over_channels_keep_their_channels():
     assert "normalises over the channel axis" in reasons and "Softmax 'sm'" in reasons
 
 
-def test_grouped_conv_keeps_channels_with_reason():
+def test_grouped_conv_loses_whole_groups_only():
     inp = keras.Input((8, 8, 4))
-    x = L.Conv2D(8, 1, name="pre")(inp)
-    x = L.Conv2D(8, 3, groups=2, padding="same", name="grouped")(x)
+    x = L.Conv2D(12, 1, name="pre")(inp)
+    x = L.Conv2D(6, 3, groups=3, padding="same", name="grouped")(x)  # 4 inputs, 2 outputs per group
     model = keras.Model(inp, L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="post")(x)))
-    zeroed, small, report = check_exact_and_minimal(model)
-    assert small.get_layer("pre").filters == 8
-    assert any("grouped conv 'grouped'" in r for g in report.groups for r in g.reasons)
+    analysis = Analysis(model)
+    (group,) = [g for g in analysis.groups if g.name == "pre"]
+    assert group.size == 3  # one unit per conv group
+    zeroed, small, report = check_exact_and_minimal(model, fraction=0.34)
+    grouped = small.get_layer("grouped")
+    assert (grouped.groups, grouped.filters, small.get_layer("pre").filters) == (2, 4, 8)
+
+
+def test_grouped_conv_with_one_live_channel_in_a_group_keeps_the_group():
+    inp = keras.Input((8, 8, 4))
+    x = L.Conv2D(8, 1, name="pre", use_bias=False)(inp)
+    x = L.Conv2D(4, 3, groups=2, padding="same", name="grouped", use_bias=False)(x)
+    model = randomize(keras.Model(inp, L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="post")(x))))
+    kernel = model.get_layer("pre").get_weights()[0]
+    kernel[..., :3] = 0  # 3 of the 4 inputs of group 0 dead: the group must stay
+    model.get_layer("pre").set_weights([kernel])
+    small = kr.rebuild(model)
+    assert small.get_layer("grouped").groups == 2
+    assert_models_close(model, small)
 
 
 class Doubler(L.Layer):
@@ -466,9 +482,11 @@ def test_rebuild_is_exact_on_keras_applications(name):
 
 
 def randomize_bn(model, seed=0):
-    """Random BatchNorm statistics so that BN is not the identity."""
+    """Random BatchNorm statistics (BN is not the identity) and LayerScale gammas (not 1e-6)."""
     rng = np.random.default_rng(seed)
     for layer in _leaf_layers(model):
+        if type(layer).__name__ == "LayerScale":
+            layer.set_weights([rng.normal(0, 1, w.shape).astype(w.dtype) for w in layer.get_weights()])
         if isinstance(layer, L.BatchNormalization):
             ws = [w + rng.normal(0, 0.1, w.shape).astype(w.dtype) for w in layer.get_weights()]
             ws[-1] = np.abs(ws[-1]) + 0.5

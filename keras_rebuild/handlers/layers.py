@@ -29,6 +29,9 @@ class _ChannelsFirstAware:
             for t in op.inputs + op.outputs:
                 ctx.block(t, f"'{op.layer.name}' uses data_format='channels_first' (only channels_last is supported)",
                           op.path)
+            if getattr(self, "kind", "") == "mixing":  # still a writer: its group shows why it is kept
+                for t in op.outputs:
+                    ctx.writes(op, t)
             return
         super().connect(ctx, op)
 
@@ -47,51 +50,53 @@ class DenseHandler(MixingHandler):
 # --------------------------------------------------------------------------- Conv
 @register_handler(L.Conv1D, L.Conv2D, L.Conv3D)
 class ConvHandler(_ChannelsFirstAware, MixingHandler):
-    """Conv1D/2D/3D. ``groups == in_channels`` convs are depthwise-like (tied)."""
+    """Conv1D/2D/3D. Grouped convs (``groups > 1``) lose whole groups only.
+
+    In a grouped conv, the ``C_in / groups`` input channels and the
+    ``filters / groups`` output channels of one group are tied together, so a
+    group goes only when all of it is dead and every remaining group keeps its
+    size (``groups == C_in`` is the depthwise case: one input per group).
+    """
 
     def connect(self, ctx, op):
         layer = op.layer
         groups = getattr(layer, "groups", 1)
-        if groups != 1:
-            c_in = ctx.channels(op.inputs[0])
-            if groups == c_in and _channels_last(layer):
-                ctx.tie(op.inputs[0], op.outputs[0], np.arange(ctx.channels(op.outputs[0])) // (layer.filters // groups))
-                elementwise, _ = activation_check(layer)
-                if not elementwise:
-                    ctx.block(op.outputs[0], f"the activation of '{layer.name}' couples its channels", op.path)
-                return
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"grouped conv '{layer.name}' (groups={groups}): removing channels would break "
-                             "its group sizes", op.path)
+        if groups == 1 or not _channels_last(layer):
+            super().connect(ctx, op)
             return
-        super().connect(ctx, op)
+        c_in, c_out = ctx.channels(op.inputs[0]), ctx.channels(op.outputs[0])
+        gi, go = c_in // groups, c_out // groups
+        ctx.tie(op.inputs[0], op.inputs[0], (np.arange(c_in) // gi) * gi)  # a group's inputs together
+        ctx.tie(op.inputs[0], op.outputs[0], (np.arange(c_out) // go) * gi)  # ... with its outputs
+        elementwise, _ = activation_check(layer)
+        if not elementwise:
+            ctx.block(op.outputs[0], f"the activation of '{layer.name}' couples its channels", op.path)
 
-    def _is_depthwise_like(self, layer):
+    def _is_grouped(self, layer):
         return getattr(layer, "groups", 1) != 1
 
-    def depth_multiplier(self, layer):
-        if self._is_depthwise_like(layer):
-            return layer.filters // layer.groups
-        return 1
-
     def forward_zero(self, layer, weights, op, in_zero, out_channels):
-        if not self._is_depthwise_like(layer):
+        if not self._is_grouped(layer):
             return super().forward_zero(layer, weights, op, in_zero, out_channels)
-        m = self.depth_multiplier(layer)
-        k = weights[0]  # (..., 1, filters)
-        kz = (k == 0).reshape(-1, k.shape[-1]).all(axis=0)
+        k = weights[0]  # (..., C_in / groups, filters)
+        gi, c_out = k.shape[-2], k.shape[-1]
+        go = c_out // layer.groups
+        kz = (k == 0).reshape(-1, gi, c_out).all(axis=0)  # (gi, c_out)
+        live_in = ~in_zero[0].reshape(layer.groups, gi)  # (groups, gi)
+        live_for_out = live_in[np.arange(c_out) // go].T  # (gi, c_out)
+        reaches = (live_for_out & ~kz).any(axis=0)
         b = self.bias(layer, weights)
-        bz = np.ones(k.shape[-1], bool) if b is None else b == 0
+        bz = np.ones(c_out, bool) if b is None else b == 0
         _, act0 = activation_check(layer)
-        return [(np.repeat(in_zero[0], m) | kz) & bz & act0]
+        return [~reaches & bz & act0]
 
     def ignored_inputs(self, layer, weights, op):
-        if self._is_depthwise_like(layer):
+        if self._is_grouped(layer):
             return [None]
         return super().ignored_inputs(layer, weights, op)
 
     def weight_roles(self, layer):
-        if self._is_depthwise_like(layer):
+        if self._is_grouped(layer):
             roles = [{-1: "out"}]
             if layer.use_bias:
                 roles.append({0: "out"})
@@ -100,13 +105,14 @@ class ConvHandler(_ChannelsFirstAware, MixingHandler):
 
     def update_config(self, layer, config, n_in, n_out):
         config = super().update_config(layer, config, n_in, n_out)
-        if self._is_depthwise_like(layer):
-            config["groups"] = int(n_in)
+        if self._is_grouped(layer):
+            group_in = layer.kernel.shape[-2]
+            config["groups"] = int(n_in // group_in)
         return config
 
     def macs(self, layer, op, graph, n_in, n_out):
         k = int(np.prod(layer.kernel_size))
-        per_group_in = 1 if self._is_depthwise_like(layer) else n_in
+        per_group_in = layer.kernel.shape[-2] if self._is_grouped(layer) else n_in
         return spatial_size(graph.tensors[op.outputs[0]].shape) * k * per_group_in * n_out
 
 
