@@ -255,7 +255,9 @@ def _has_tfmot_pruning(model) -> bool:
     # Check class names first so tfmot (slow to import) is only imported when needed.
     if not any(type(layer).__name__ == "PruneLowMagnitude" for layer in _iter_layers(model)):
         return False
-    wrapper = tfmot().sparsity.keras.PruneLowMagnitude
+    tfmot()  # makes sure the package is importable before its internal module is
+    from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude as wrapper
+
     return any(isinstance(layer, wrapper) for layer in _iter_layers(model))
 
 
