@@ -230,11 +230,20 @@ def run_model(name: str, args) -> list:
     rows = []
     exports = {}
     dense = build(name, size)
+    dense_weights = dense.get_weights()
+
+    def fresh():
+        # tfmot's prune_low_magnitude wraps the *original* layer objects, so pruning
+        # a model zeroes the weights of the model passed in: give every variant its own copy.
+        copy = keras.models.clone_model(dense)
+        copy.set_weights(dense_weights)
+        return copy
+
     makers = {
         "dense": lambda: dense,
-        "tfmot-50": lambda: tfmot_pruned(dense, 0.5),
-        "tfmot-80": lambda: tfmot_pruned(dense, 0.8),
-        "rebuild-50": lambda: rebuild_pruned(dense, 0.5),
+        "tfmot-50": lambda: tfmot_pruned(fresh(), 0.5),
+        "tfmot-80": lambda: tfmot_pruned(fresh(), 0.8),
+        "rebuild-50": lambda: rebuild_pruned(fresh(), 0.5),
         "half-width": lambda: build(name, size, half=True),
     }
     for variant in args.variants:

@@ -21,7 +21,8 @@ from keras_rebuild.recover import recalibrate_batchnorm, recover
 from keras_rebuild.compress import CompressionReport, compress
 from keras_rebuild.wrappers import StructuredPruningWrapper, UpdatePruningStep, prune_channels, strip_pruning
 from keras_rebuild.export import (
-    BenchmarkResult, ExportResult, benchmark_tflite, compare_latency, export_tflite, run_tflite,
+    BenchmarkResult, ExportResult, LatencyComparison, VerificationResult, benchmark_tflite,
+    compare_latency, export_tflite, run_tflite,
 )
 
 __version__ = "0.1.0"
@@ -47,5 +48,6 @@ __all__ = [
     "recover", "recalibrate_batchnorm", "compress", "CompressionReport",
     "prune_channels", "strip_pruning", "UpdatePruningStep", "StructuredPruningWrapper",
     "export_tflite", "benchmark_tflite", "compare_latency", "run_tflite", "ExportResult", "BenchmarkResult",
+    "VerificationResult", "LatencyComparison",
     "errors", "handlers", "digits_cnn", "load_digits", "__version__",
 ]

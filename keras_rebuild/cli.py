@@ -153,12 +153,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from keras_rebuild import demo
-
-    return demo.main(args.demo_args) or 0
-
-
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -201,14 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=50)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="prune -> rebuild -> recover -> export on bundled digits data")
-    p.add_argument("demo_args", nargs=argparse.REMAINDER, help="options passed to the demo (see demo --help)")
-    p.set_defaults(func=cmd_demo)
+    # `demo` is dispatched before parsing (see main); listed here for --help.
+    sub.add_parser("demo", help="prune -> rebuild -> recover -> export on bundled digits data "
+                                "(keras-rebuild demo --help)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``keras-rebuild`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (-o, --force, ...)
+        from keras_rebuild import demo
+
+        return demo.main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
