@@ -1,0 +1,998 @@
+"""Structured (whole-channel) pruning wrappers, shaped like tfmot's pruning API.
+
+tensorflow-model-optimization prunes single weights::
+
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=...)
+    pruned.fit(x, y, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    final = tfmot.sparsity.keras.strip_pruning(pruned)
+
+keras_rebuild prunes whole channels with the same three steps, and the result
+can then be :func:`~keras_rebuild.rebuild`-t into a physically smaller model::
+
+    pruned = kr.prune_channels(model, pruning_schedule=tfmot.sparsity.keras.PolynomialDecay(...))
+    pruned.fit(x, y, callbacks=[kr.UpdatePruningStep()])
+    small = kr.rebuild(pruned)          # or kr.strip_pruning(pruned): same shapes, zero channels
+
+How it works. :func:`prune_channels` clones the model and wraps every layer
+whose weights are indexed by the channels of a prunable group (the convs
+writing the channels, their BatchNorms, the kernels reading them...) in a
+:class:`StructuredPruningWrapper`. Each wrapper holds non-trainable float
+masks over its input and output channels and a ``pruning_step`` counter.
+Layers sharing a channel group share one decision: masks are always set for
+the whole model at once from one :func:`keras_rebuild.plan.select_channels`
+call. The wrapper calls its layer with *masked* weights (``weight * mask``, in
+training and at inference alike), so the wrapped model computes exactly what
+the stripped model computes, and pruned weights get zero gradient. The
+:class:`UpdatePruningStep` callback advances the step, recomputes channel
+importance from the current weights when the schedule says so, and assigns
+the new masks on the host (also writing the zeros into the weights).
+
+Masks are monotone while the schedule's sparsity does not decrease (tfmot's
+``ConstantSparsity`` and ``PolynomialDecay``): channels pruned earlier are
+ranked below every other channel at each update, so once pruned a channel
+stays pruned, whatever the criterion.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from keras_rebuild._compat import keras, register_serializable, tf
+from keras_rebuild.errors import (
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    MissingCallbackError,
+    received,
+)
+from keras_rebuild.graph import check_model, is_graph_model
+from keras_rebuild.handlers import LayerHandler, get_handler, mask_array, register_handler
+
+log = logging.getLogger("keras_rebuild")
+
+_MODES = ("sparsity", "threshold", "schedule")
+
+
+def _callback_message(name: str) -> str:
+    return (
+        "Expected the `keras_rebuild.UpdatePruningStep()` callback when training a model wrapped by "
+        "`prune_channels(..., pruning_schedule=...)`: it advances the pruning step and updates the "
+        "channel masks. Add it to training: "
+        "`model.fit(x, y, callbacks=[keras_rebuild.UpdatePruningStep()])` (in a custom training "
+        "loop call its `set_model(model)`, `on_train_begin()`, and `on_train_batch_begin(step)` / "
+        "`on_train_batch_end(step)` around each step). "
+        f"Received: a training call of the wrapped layer '{name}' without the callback"
+    )
+
+
+def _is_true(training) -> bool:
+    if isinstance(training, (bool, np.bool_)):
+        return bool(training)
+    if isinstance(training, numbers.Integral):
+        return bool(training)
+    return False
+
+
+# ----------------------------------------------------------------------------- the wrapper
+@register_serializable()
+class StructuredPruningWrapper(keras.layers.Wrapper):
+    """Wraps a layer so that whole input/output channels of its weights can be masked.
+
+    Created by :func:`prune_channels`; you rarely build one yourself. The
+    wrapper keeps the wrapped layer's name, so layer names (``ignore=``, channel
+    group names, ``model.get_layer``) are the same in the wrapped model.
+
+    Weights of the wrapper: the wrapped layer's weights (in their order), then
+    ``in_channel_mask`` and ``out_channel_mask`` (float 0/1, one entry per
+    input/output channel of the layer's first input/output) and
+    ``pruning_step`` (int64; ``-1`` until :class:`UpdatePruningStep` starts
+    training with a schedule). ``get_weights()``/``set_weights()`` use this
+    order; ``set_weights`` also accepts the wrapped layer's weights alone.
+
+    The layer is called with its maskable weights multiplied by the masks
+    (BatchNorm moving statistics are never masked), in training and
+    inference alike, so the wrapped model computes exactly what
+    :func:`strip_pruning` returns.
+
+    Args:
+        layer: The Keras layer to wrap (its class must have a channel handler).
+        pruning_params: The settings of :func:`prune_channels` (mode, schedule
+            config, criterion name, scope, ...), shared by every wrapper of a
+            model and read by :class:`UpdatePruningStep`.
+        bn_l1: Weight of an L1 penalty on the masked BatchNorm ``gamma`` (only
+            used when ``layer`` is a ``BatchNormalization`` with ``scale=True``).
+        **kwargs: Base layer arguments (``name`` defaults to ``layer.name``).
+    """
+
+    def __init__(self, layer, pruning_params: Optional[dict] = None, bn_l1: float = 0.0, **kwargs):
+        if not isinstance(layer, keras.layers.Layer):
+            raise InvalidArgumentTypeError(
+                f"Expected `layer` to be a Keras layer. Received: layer={type(layer).__name__} object"
+            )
+        kwargs.setdefault("name", layer.name)
+        super().__init__(layer, **kwargs)
+        params = dict(pruning_params or {"mode": "sparsity"})
+        if params.get("mode", "sparsity") not in _MODES:
+            raise InvalidArgumentError(
+                f"Expected `pruning_params['mode']` to be one of {list(_MODES)}. "
+                f"Received: {received('mode', params.get('mode'))}"
+            )
+        if isinstance(params.get("ignore"), (list, tuple)):
+            params["ignore"] = [str(n) for n in params["ignore"]]
+        object.__setattr__(self, "_pruning_params", params)
+        self.bn_l1 = float(bn_l1)
+        self.in_channel_mask = None
+        self.out_channel_mask = None
+        self.pruning_step = None
+        # Python-only state (never saved): set by UpdatePruningStep while it trains the model.
+        self._callback_active = False
+        object.__setattr__(self, "_runtime", None)
+        object.__setattr__(self, "_masking", [])
+
+    # -- properties ------------------------------------------------------------
+    @property
+    def pruning_params(self) -> dict:
+        return dict(self._pruning_params)
+
+    @property
+    def needs_callback(self) -> bool:
+        """Training needs :class:`UpdatePruningStep` (schedule mode)."""
+        return self._pruning_params.get("mode") == "schedule"
+
+    @property
+    def weights(self):
+        own = [v for v in (self.in_channel_mask, self.out_channel_mask, self.pruning_step) if v is not None]
+        return list(self.layer.weights) + own
+
+    def set_weights(self, weights):
+        if len(weights) == len(self.layer.weights) and len(weights) != len(self.weights):
+            self.layer.set_weights(weights)
+            return
+        super().set_weights(weights)
+
+    # -- build -----------------------------------------------------------------
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        c_in = _last_dim(_first_shape(input_shape))
+        try:
+            c_out = _last_dim(_first_shape(self.layer.compute_output_shape(input_shape)))
+        except Exception:  # pragma: no cover - layers without compute_output_shape
+            c_out = None
+        handler = get_handler(self.layer)
+        roles = handler.weight_roles(self.layer) if handler else [{} for _ in self.layer.weights]
+        m = handler.depth_multiplier(self.layer) if handler else 1
+        for w, r in zip(self.layer.weights, roles):
+            for axis, role in r.items():
+                size = int(w.shape[axis])
+                if role == "out" and c_out is None:
+                    c_out = size
+                if role == "in" and c_in is None:
+                    c_in = size
+                if role == "in*m" and c_in is None:
+                    c_in = size // max(m, 1)
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.in_channel_mask = self.add_weight(
+            "in_channel_mask", shape=(int(c_in or 1),), initializer="ones", trainable=False, aggregation=agg)
+        self.out_channel_mask = self.add_weight(
+            "out_channel_mask", shape=(int(c_out or 1),), initializer="ones", trainable=False, aggregation=agg)
+        start = -1 if self.needs_callback else 0
+        self.pruning_step = self.add_weight(
+            "pruning_step", shape=(), dtype=tf.int64, initializer=keras.initializers.Constant(start),
+            trainable=False, aggregation=agg)
+        self._plan_masking(handler, roles, m)
+        if self.bn_l1 > 0 and isinstance(self.layer, keras.layers.BatchNormalization) and self.layer.scale:
+            gamma = self.layer.gamma
+            mask = self.in_channel_mask
+            coef = self.bn_l1
+            self.add_loss(lambda: coef * tf.reduce_sum(tf.abs(gamma * tf.cast(mask, gamma.dtype))))
+
+    def _plan_masking(self, handler, roles, m):
+        """Find, per maskable weight, the attributes of the layer that hold it."""
+        masking = []
+        maskable = handler.maskable(self.layer) if handler else [False for _ in self.layer.weights]
+        attrs = list(vars(self.layer).items())
+        for var, r, mk in zip(self.layer.weights, roles, maskable):
+            if not mk or not r:
+                continue
+            names = [k for k, v in attrs if v is var]
+            if not names:
+                raise InvalidArgumentError(
+                    f"Expected the weight '{var.name}' of layer '{self.layer.name}' to be an attribute of the "
+                    "layer, so that it can be masked. Received: a weight the layer keeps elsewhere"
+                )
+            masking.append((var, tuple(names), dict(r)))
+        object.__setattr__(self, "_masking", masking)
+        object.__setattr__(self, "_multiplier", int(m))
+
+    # -- call ------------------------------------------------------------------
+    # The wrapper's own code has no tensor-dependent Python control flow: AutoGraph is
+    # skipped for it (converting it per call is slow on big models); the wrapped layer's
+    # call is converted as Keras itself would convert it.
+    @tf.autograph.experimental.do_not_convert
+    def _masked(self, var, roles):
+        t = tf.convert_to_tensor(var) if not isinstance(var, tf.Tensor) else var
+        out = t
+        for axis, role in roles.items():
+            if role == "out":
+                mask = self.out_channel_mask
+            elif role == "in":
+                mask = self.in_channel_mask
+            else:
+                mask = tf.repeat(self.in_channel_mask, self._multiplier)
+            shape = [1] * t.shape.rank
+            shape[axis] = -1
+            out = out * tf.reshape(tf.cast(mask, t.dtype), shape)
+        return out
+
+    @tf.autograph.experimental.do_not_convert
+    def call(self, inputs, training=None, **kwargs):
+        if self.needs_callback and _is_true(training) and not self._callback_active:
+            error = MissingCallbackError(_callback_message(self.name))
+            # Keep our error class (and message) through AutoGraph's and Keras' error rewriting.
+            error.ag_pass_through = True
+            error._keras_call_info_injected = True
+            raise error
+        inner = self.layer
+        spec = getattr(inner, "_call_spec", None)
+        kw = dict(kwargs)
+        if spec is not None and not spec.expects_mask_arg:
+            kw.pop("mask", None)
+        if spec is None or spec.expects_training_arg:
+            kw["training"] = training
+        masked = [(names, self._masked(var, roles)) for var, names, roles in self._masking]
+        try:
+            for names, value in masked:
+                for name in names:
+                    object.__setattr__(inner, name, value)
+            call_fn = tf.__internal__.autograph.tf_convert(
+                inner.call, tf.__internal__.autograph.control_status_ctx())
+            return call_fn(inputs, **kw)
+        finally:
+            # Restore the variables themselves (not "what was there"): safe with replica threads.
+            for var, names, _ in self._masking:
+                for name in names:
+                    object.__setattr__(inner, name, var)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config["pruning_params"] = _jsonable(self._pruning_params)
+        config["bn_l1"] = self.bn_l1
+        return config
+
+    # -- numpy helpers -----------------------------------------------------------
+    def channel_masks(self):
+        """``(keep_in, keep_out)`` boolean numpy arrays of the current masks."""
+        return (np.asarray(keras.backend.get_value(self.in_channel_mask)) > 0.5,
+                np.asarray(keras.backend.get_value(self.out_channel_mask)) > 0.5)
+
+    def masked_layer_weights(self) -> List[np.ndarray]:
+        """The wrapped layer's weights with the pruned channels zeroed (others bit-identical)."""
+        weights = self.layer.get_weights()
+        handler = get_handler(self.layer)
+        if handler is None:
+            return weights
+        keep_in, keep_out = self.channel_masks()
+        if keep_in.all() and keep_out.all():
+            return weights
+        m = handler.depth_multiplier(self.layer)
+        return [
+            mask_array(w, roles, keep_in, keep_out, m) if mk and roles else w
+            for w, roles, mk in zip(weights, handler.weight_roles(self.layer), handler.maskable(self.layer))
+        ]
+
+    def _assign_masks(self, keep_in, keep_out):
+        self.in_channel_mask.assign(np.asarray(keep_in, np.float32).reshape(self.in_channel_mask.shape))
+        self.out_channel_mask.assign(np.asarray(keep_out, np.float32).reshape(self.out_channel_mask.shape))
+        self._zero_pruned_weights()
+
+    def _zero_pruned_weights(self):
+        """Write zeros into the pruned entries of the wrapped layer's variables (host side)."""
+        keep_in, keep_out = self.channel_masks()
+        if keep_in.all() and keep_out.all():
+            return
+        for var, _, roles in self._masking:
+            value = var.numpy()
+            new = mask_array(value, roles, keep_in, keep_out, self._multiplier)
+            if not np.array_equal(new, value):
+                var.assign(new)
+
+
+def _first_shape(shape) -> tf.TensorShape:
+    """The first shape of a (possibly nested) list of shapes."""
+    while isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple, tf.TensorShape)):
+        shape = shape[0]
+    return tf.TensorShape(shape)
+
+
+def _last_dim(shape: tf.TensorShape):
+    if shape.rank is None or shape.rank < 1:
+        return None
+    d = shape[-1]
+    return int(d) if d is not None else None
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------- analysis handler
+@register_handler(StructuredPruningWrapper)
+class StructuredPruningWrapperHandler(LayerHandler):
+    """Makes a wrapper transparent to :class:`~keras_rebuild.groups.Analysis`.
+
+    The analysis of a wrapped model then has the same channel groups, layer
+    paths and ``analysis.weights`` (the wrapped layers' own weights) as the
+    analysis of the stripped model: each op of a wrapper is rewritten to the
+    wrapped layer and its handler before the channels are connected.
+    """
+
+    kind = "tied"
+
+    def connect(self, ctx, op):
+        wrapper = op.layer
+        inner = wrapper.layer
+        handler = get_handler(inner) or LayerHandler()
+        op.layer = inner
+        op.handler = handler
+        ctx.graph.layers[op.path] = inner
+        if op.path in ctx.weights:
+            ctx.weights[op.path] = ctx.weights[op.path][: len(inner.weights)]
+        handler.connect(ctx, op)
+
+
+# ----------------------------------------------------------------------------- helpers
+def wrapped_layers(model) -> Dict[str, StructuredPruningWrapper]:
+    """``{path: wrapper}`` for every :class:`StructuredPruningWrapper` of ``model`` (nested models too)."""
+    out: Dict[str, StructuredPruningWrapper] = {}
+    seen = set()
+
+    def walk(m, prefix):
+        for layer in m.layers:
+            path = prefix + layer.name
+            if is_graph_model(layer):
+                if id(layer) not in seen:
+                    seen.add(id(layer))
+                    walk(layer, path + "/")
+            elif isinstance(layer, StructuredPruningWrapper):
+                out.setdefault(path, layer)
+
+    walk(model, "")
+    return out
+
+
+def _has_foreign_wrappers(model) -> Optional[str]:
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if type(layer).__name__ == "PruneLowMagnitude":
+            return layer.name
+        if is_graph_model(layer):
+            stack.extend(layer.layers)
+    return None
+
+
+def _clone(model, layer_fn, prefix=""):
+    """``clone_model`` with ``layer_fn(layer, path)`` applied at every depth of nested models."""
+    def fn(layer):
+        path = prefix + layer.name
+        if is_graph_model(layer):
+            return _clone(layer, layer_fn, path + "/")
+        return layer_fn(layer, path)
+
+    return keras.models.clone_model(model, clone_function=fn)
+
+
+def _copy_layer(layer):
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _pairs(new, old, prefix=""):
+    """Yield ``(path, new_layer, old_layer)`` over both models, nested models flattened."""
+    seen = set()
+
+    def walk(n, o, prefix):
+        if len(n.layers) != len(o.layers):  # pragma: no cover - defensive
+            raise InvalidArgumentError(f"cloned model '{n.name}' has a different layer list")
+        for nl, ol in zip(n.layers, o.layers):
+            path = prefix + ol.name
+            if is_graph_model(ol):
+                if id(ol) not in seen:
+                    seen.add(id(ol))
+                    yield from walk(nl, ol, path + "/")
+            else:
+                yield path, nl, ol
+
+    yield from walk(new, old, prefix)
+
+
+def _split_data(data):
+    if data is None:
+        return None, None
+    if isinstance(data, tuple) and len(data) == 2:
+        return data[0], data[1]
+    return data, None
+
+
+def _schedule_final_sparsity(schedule) -> float:
+    for attr in ("final_sparsity", "target_sparsity"):
+        if hasattr(schedule, attr):
+            return float(getattr(schedule, attr))
+    end = getattr(schedule, "end_step", -1)
+    step = end if isinstance(end, numbers.Integral) and end >= 0 else getattr(schedule, "begin_step", 0)
+    _, sparsity = schedule(tf.constant(int(step), tf.int64))
+    return float(np.asarray(sparsity))
+
+
+def _serialize_schedule(schedule) -> dict:
+    try:
+        config = schedule.get_config()
+    except Exception as exc:
+        raise InvalidArgumentError(
+            "Expected `pruning_schedule` to have a `get_config()` (like tfmot's PruningSchedule) so that "
+            f"wrapped models can be saved. Received: {received('pruning_schedule', schedule)}"
+        ) from exc
+    if not (isinstance(config, dict) and "class_name" in config and "config" in config):
+        config = {"class_name": type(schedule).__name__, "config": config}
+    return _jsonable(config)
+
+
+def _deserialize_schedule(config: dict):
+    sparsity = __import__("keras_rebuild._compat", fromlist=["tfmot"]).tfmot().sparsity.keras
+    known = {"ConstantSparsity": sparsity.ConstantSparsity, "PolynomialDecay": sparsity.PolynomialDecay}
+    name = config["class_name"]
+    cls = known.get(name) or keras.saving.get_registered_object(name)
+    if cls is None:
+        raise InvalidArgumentError(
+            f"Expected a known pruning schedule class to resume training; '{name}' is neither tfmot's "
+            "ConstantSparsity/PolynomialDecay nor registered with `keras.saving.register_keras_serializable`. "
+            "Register it, or pass `UpdatePruningStep(pruning_schedule=...)`. "
+            f"Received: {received('pruning_schedule', config)}"
+        )
+    return cls.from_config(config["config"]) if hasattr(cls, "from_config") else cls(**config["config"])
+
+
+def _criterion_name(crit) -> str:
+    from keras_rebuild.importance import criterion_names
+
+    name = getattr(crit, "name", None)
+    return name if isinstance(name, str) and name in criterion_names() else str(name or type(crit).__name__)
+
+
+class _Runtime:
+    """Python objects shared by the wrappers of one ``prune_channels`` call (not saved)."""
+
+    def __init__(self, criterion=None, data=None, schedule=None):
+        self.criterion = criterion
+        self.data = data
+        self.schedule = schedule
+
+
+# ----------------------------------------------------------------------------- mask updates
+def _current_weights(model, wrappers) -> Dict[str, List[np.ndarray]]:
+    """``{path: weights}`` for every layer with weights; wrapped layers' weights masked."""
+    out = {}
+
+    def walk(m, prefix, seen):
+        for layer in m.layers:
+            path = prefix + layer.name
+            if is_graph_model(layer):
+                if id(layer) not in seen:
+                    seen.add(id(layer))
+                    walk(layer, path + "/", seen)
+            elif isinstance(layer, StructuredPruningWrapper):
+                out[path] = layer.masked_layer_weights()
+            elif layer.weights:
+                out[path] = layer.get_weights()
+
+    walk(model, "", set())
+    return out
+
+
+def _removed_components(analysis, wrappers) -> np.ndarray:
+    """Per component of ``analysis``: pruned by the wrappers' current masks."""
+    removed = np.zeros(analysis.num_components, bool)
+    for path, w in wrappers.items():
+        op = analysis.graph.first_op(path)
+        if op is None or op.kind != "layer" or w.in_channel_mask is None:
+            continue
+        keep_in, keep_out = w.channel_masks()
+        for t, keep in ((op.inputs[0] if op.inputs else None, keep_in), (op.outputs[0] if op.outputs else None, keep_out)):
+            if t is None:
+                continue
+            labels = analysis.labels[analysis.elements(t)]
+            if len(labels) == len(keep):
+                removed[labels[~keep]] = True
+    return removed
+
+
+def _rank_pruned_last(analysis, scores, removed) -> dict:
+    """Scores where already-pruned channels rank strictly below every other channel."""
+    out = {}
+    for g in analysis.groups:
+        if g.name not in scores:
+            continue
+        s = np.asarray(scores[g.name], np.float64).copy()
+        gone = removed[g.components]
+        if gone.any():
+            lo = min(float(s.min()), 0.0)
+            eps = max(1e-12, 1e-9 * float(np.abs(s).max()))
+            s = np.where(gone, lo, np.maximum(s, lo + eps))
+        out[g.name] = s
+    return out
+
+
+def _select(analysis, scores, params, sparsity=None, threshold=None):
+    from keras_rebuild.plan import select_channels
+
+    return select_channels(
+        analysis, scores, sparsity=sparsity, threshold=threshold, scope=params.get("scope", "local"),
+        round_to=params.get("round_to", 1), min_channels=params.get("min_channels", 1),
+        ignore=tuple(params.get("ignore", ())),
+    )
+
+
+def _apply_remove(analysis, wrappers, remove):
+    from keras_rebuild.masks import layer_keep_masks
+
+    keep = layer_keep_masks(analysis, remove)
+    for path, w in wrappers.items():
+        if path not in keep:
+            continue
+        keep_in, keep_out = keep[path]
+        keep_in = np.ones(w.in_channel_mask.shape, bool) if keep_in is None or len(keep_in) != w.in_channel_mask.shape[0] \
+            else keep_in
+        keep_out = np.ones(w.out_channel_mask.shape, bool) if keep_out is None or \
+            len(keep_out) != w.out_channel_mask.shape[0] else keep_out
+        w._assign_masks(keep_in, keep_out)
+
+
+# ----------------------------------------------------------------------------- prune_channels
+def prune_channels(
+    model,
+    sparsity: Optional[float] = None,
+    pruning_schedule=None,
+    criterion="l1",
+    scope: str = "local",
+    ignore: Sequence[str] = (),
+    round_to: int = 1,
+    min_channels: int = 1,
+    threshold: Optional[float] = None,
+    data=None,
+    bn_l1: float = 0.0,
+    frequency: Optional[int] = None,
+):
+    """Wrap a model for whole-channel pruning (the structured twin of tfmot's ``prune_low_magnitude``).
+
+    Returns a new model (the input is never modified) in which every layer
+    whose weights are indexed by the channels of a prunable group is wrapped
+    in a :class:`StructuredPruningWrapper`. Layers sharing a channel group
+    (a conv, its BatchNorm, the kernels reading it, every conv writing a
+    residual stream) share one mask decision. Model inputs and outputs, and
+    channels coupled by LayerNorm, softmax or unknown layers, are never pruned.
+
+    Three modes, give exactly one of ``sparsity``, ``pruning_schedule`` and
+    ``threshold``:
+
+    * ``sparsity=0.5``: one-shot. Masks are chosen now from ``criterion``, so
+      ``strip_pruning(prune_channels(m, sparsity=0.5))`` needs no training.
+      The masks stay fixed afterwards: the model can be fine-tuned with or
+      without :class:`UpdatePruningStep` (pruned weights get zero gradient).
+    * ``pruning_schedule=tfmot.sparsity.keras.PolynomialDecay(...)`` (or
+      ``ConstantSparsity``, or any tfmot ``PruningSchedule``): gradual. The
+      schedule's sparsity is used as the channel fraction; masks start full
+      and :class:`UpdatePruningStep` (required in ``fit``) updates them when
+      ``schedule(step)`` says prune.
+    * ``threshold=k``: one-shot; prune channels scoring more than ``k``
+      standard deviations below the mean (see ``plan.select_channels``).
+
+    Args:
+        model: A tf_keras Functional or Sequential model (not modified).
+        sparsity: One-shot fraction of channels to prune per group (or of all
+            channels with ``scope="global"``), in [0, 1).
+        pruning_schedule: A tfmot pruning schedule, ``schedule(step) ->
+            (should_prune, sparsity)``; its final sparsity must be < 1.
+        criterion: Importance criterion name (``"l1"``, ``"l2"``,
+            ``"bn_scale"``, ``"activation"``, ``"apoz"``, ``"taylor"``,
+            ``"random"``) or a :class:`keras_rebuild.importance.Criterion`.
+        scope: ``"local"`` (each group prunes its own fraction) or ``"global"``.
+        ignore: Layer names (or paths) whose channel groups stay whole.
+        round_to: Kept channel counts are multiples of this.
+        min_channels: Every group keeps at least this many channels.
+        threshold: One-shot threshold mode (standard deviations).
+        data: For data-driven criteria: ``(x, y)`` as a tuple, or ``x`` alone.
+        bn_l1: Network-slimming L1 penalty on the (masked) BatchNorm gammas of
+            the wrapped model, added to the training loss; 0 disables it.
+        frequency: Schedule mode: recompute the masks every ``frequency``
+            steps inside the schedule's ``[begin_step, end_step]`` instead of
+            at the schedule's own frequency.
+
+    Returns:
+        A new ``keras.Model`` with :class:`StructuredPruningWrapper` layers
+        (uncompiled: compile it, under a distribution strategy's scope if any).
+
+    Raises:
+        NotAModelError: ``model`` is not a Keras model.
+        UnsupportedModelError: ``model`` is a subclassed model.
+        InvalidArgumentError: bad argument values: not exactly one mode, a
+            sparsity outside [0, 1), a schedule whose final sparsity is >= 1,
+            an unknown layer in ``ignore``, a data-driven criterion without
+            ``data``, or a model that is already wrapped.
+        InvalidArgumentTypeError: arguments of the wrong type.
+
+    Example:
+        >>> pruned = kr.prune_channels(model, sparsity=0.5)       # doctest: +SKIP
+        >>> small = kr.rebuild(pruned)                            # doctest: +SKIP
+        >>> schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=1000)
+        >>> pruned = kr.prune_channels(model, pruning_schedule=schedule)  # doctest: +SKIP
+        >>> pruned.compile("adam", "sparse_categorical_crossentropy")     # doctest: +SKIP
+        >>> pruned.fit(x, y, epochs=5, callbacks=[kr.UpdatePruningStep()])  # doctest: +SKIP
+    """
+    from keras_rebuild.groups import Analysis
+    from keras_rebuild.importance import get_criterion
+
+    check_model(model)
+    if any(isinstance(layer, StructuredPruningWrapper) for layer in _all_layers(model)):
+        raise InvalidArgumentError(
+            "Expected `model` not to be wrapped by `prune_channels` already: call "
+            f"`keras_rebuild.strip_pruning(model)` first. Received: model='{model.name}' with StructuredPruningWrapper layers"
+        )
+    foreign = _has_foreign_wrappers(model)
+    if foreign:
+        raise InvalidArgumentError(
+            "Expected `model` without tfmot pruning wrappers: call `tfmot.sparsity.keras.strip_pruning(model)` "
+            f"(or `keras_rebuild.rebuild(model)`) first. Received: model with PruneLowMagnitude layer '{foreign}'"
+        )
+    given = [n for n, v in (("sparsity", sparsity), ("pruning_schedule", pruning_schedule), ("threshold", threshold))
+             if v is not None]
+    if len(given) != 1:
+        raise InvalidArgumentError(
+            "Expected exactly one of `sparsity` (one-shot), `pruning_schedule` (gradual, with "
+            "UpdatePruningStep) and `threshold`. "
+            f"Received: sparsity={sparsity!r}, pruning_schedule={pruning_schedule!r}, threshold={threshold!r}"
+        )
+    if isinstance(bn_l1, bool) or not isinstance(bn_l1, numbers.Real) or not (math.isfinite(bn_l1) and bn_l1 >= 0):
+        raise InvalidArgumentError(f"Expected `bn_l1` to be a float >= 0. Received: {received('bn_l1', bn_l1)}")
+    if frequency is not None and (isinstance(frequency, bool) or not isinstance(frequency, numbers.Integral)
+                                  or frequency < 1):
+        raise InvalidArgumentError(
+            f"Expected `frequency` to be None or an integer >= 1. Received: {received('frequency', frequency)}")
+    if isinstance(ignore, str):
+        ignore = [ignore]
+    crit = get_criterion(criterion)
+    x, y = _split_data(data)
+    if crit.needs_data and x is None:
+        raise InvalidArgumentError(
+            f"Expected `data` for the data-driven criterion '{crit.name}': pass `data=(x, y)` or `data=x`. "
+            "Received: data=None"
+        )
+    mode = given[0] if given[0] != "pruning_schedule" else "schedule"
+    schedule_config = None
+    if mode == "schedule":
+        if not callable(pruning_schedule):
+            raise InvalidArgumentTypeError(
+                "Expected `pruning_schedule` to be a tfmot PruningSchedule (callable as "
+                f"`schedule(step) -> (should_prune, sparsity)`). Received: {received('pruning_schedule', pruning_schedule)}"
+            )
+        final = _schedule_final_sparsity(pruning_schedule)
+        if not 0.0 <= final < 1.0:
+            raise InvalidArgumentError(
+                "Expected the pruning schedule's final sparsity to be in [0, 1): a sparsity of 1 would prune every "
+                f"channel. Received: final_sparsity={final!r} from {type(pruning_schedule).__name__}"
+            )
+        schedule_config = _serialize_schedule(pruning_schedule)
+    params = {
+        "mode": mode, "sparsity": None if sparsity is None else float(sparsity) if isinstance(sparsity, numbers.Real)
+        and not isinstance(sparsity, bool) else sparsity,
+        "threshold": threshold, "pruning_schedule": schedule_config, "criterion": _criterion_name(crit),
+        "scope": scope, "ignore": list(ignore or ()), "round_to": round_to, "min_channels": min_channels,
+        "frequency": None if frequency is None else int(frequency),
+    }
+
+    analysis = Analysis(model)
+    # Validate the plan arguments now (a dry run with uniform scores), and choose one-shot masks.
+    uniform = {g.name: np.ones(g.size) for g in analysis.groups if g.prunable}
+    remove = None
+    if mode == "schedule":
+        _select(analysis, uniform, params, sparsity=0.0)
+    else:
+        _select(analysis, uniform, params, sparsity=sparsity, threshold=threshold)  # validates first
+        if crit.needs_data:
+            crit.set_data(model, x, y)
+        scores = crit(analysis)
+        remove = _select(analysis, scores, params, sparsity=sparsity, threshold=threshold)
+
+    wrap = set()
+    for g in analysis.groups:
+        if not g.prunable:
+            continue
+        for path in g.members:
+            op = analysis.graph.first_op(path)
+            handler = getattr(op, "handler", None)
+            if handler is None or handler.kind == "blocked":
+                continue
+            layer = analysis.graph.layers[path]
+            if any(mk and r for r, mk in zip(handler.weight_roles(layer), handler.maskable(layer))):
+                wrap.add(path)
+
+    runtime = _Runtime(criterion=crit, data=(x, y) if x is not None else None, schedule=pruning_schedule)
+    coef = float(bn_l1)
+
+    def layer_fn(layer, path):
+        new = _copy_layer(layer)
+        if path in wrap:
+            w = StructuredPruningWrapper(new, pruning_params=params, bn_l1=coef)
+            object.__setattr__(w, "_runtime", runtime)
+            return w
+        return new
+
+    wrapped = _clone(model, layer_fn)
+    for path, new, old in _pairs(wrapped, model):
+        if old.weights:
+            target = new.layer if isinstance(new, StructuredPruningWrapper) else new
+            target.set_weights(old.get_weights())
+    if remove is not None:
+        _apply_remove(analysis, wrapped_layers(wrapped), remove)
+    n_pruned = int(remove.sum()) if remove is not None else 0
+    log.info("prune_channels: wrapped %d layers (%s mode), %d channel components pruned now",
+             len(wrap), mode, n_pruned)
+    return wrapped
+
+
+def _all_layers(model):
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if is_graph_model(layer):
+            out.extend(_all_layers(layer))
+    return out
+
+
+# ----------------------------------------------------------------------------- strip
+def strip_pruning(model):
+    """Remove the pruning wrappers: the original architecture with the pruned channels zeroed.
+
+    Like ``tfmot.sparsity.keras.strip_pruning``, for :func:`prune_channels`
+    models. Every wrapped layer is replaced by a copy of the layer it wraps,
+    whose maskable weights are the wrapped weights times the channel masks
+    (pruned channels are zero; every other weight, and every BatchNorm moving
+    statistic, is bit-identical). The result has the same layer names and
+    configs as the model given to :func:`prune_channels`; pass it (or the
+    wrapped model) to :func:`keras_rebuild.rebuild` to physically remove the
+    zero channels. A model without wrappers is returned as a copy.
+
+    Args:
+        model: A model returned by :func:`prune_channels` (not modified), or
+            any Functional/Sequential model.
+
+    Returns:
+        A new ``keras.Model`` without :class:`StructuredPruningWrapper` layers.
+
+    Raises:
+        NotAModelError: ``model`` is not a Keras model.
+        UnsupportedModelError: ``model`` is a subclassed model.
+
+    Example:
+        >>> final = kr.strip_pruning(pruned)      # doctest: +SKIP
+        >>> final.save("pruned.keras")            # doctest: +SKIP
+    """
+    check_model(model)
+
+    def layer_fn(layer, path):
+        if isinstance(layer, StructuredPruningWrapper):
+            return _copy_layer(layer.layer)
+        return _copy_layer(layer)
+
+    stripped = _clone(model, layer_fn)
+    for path, new, old in _pairs(stripped, model):
+        if isinstance(old, StructuredPruningWrapper):
+            new.set_weights(old.masked_layer_weights())
+        elif old.weights:
+            new.set_weights(old.get_weights())
+    return stripped
+
+
+# ----------------------------------------------------------------------------- callback
+class UpdatePruningStep(keras.callbacks.Callback):
+    """Keras callback that drives :func:`prune_channels` models during training.
+
+    The structured twin of ``tfmot.sparsity.keras.UpdatePruningStep``; pass it
+    to ``fit`` of every model wrapped with a ``pruning_schedule`` (training
+    without it raises :class:`~keras_rebuild.errors.MissingCallbackError`).
+
+    Every training batch advances the wrappers' ``pruning_step`` (saved with
+    the model, so a reloaded model resumes its schedule where it was). Before
+    a batch at which the schedule says prune (``schedule(step)[0]``, or every
+    ``frequency`` steps when ``prune_channels(frequency=...)`` was given), it
+    computes channel importance from the current (masked) weights of the
+    wrapped layers, selects the schedule's sparsity with
+    :func:`keras_rebuild.plan.select_channels` and assigns the new masks to
+    every wrapper on the host, writing zeros into the pruned weights. Channels
+    pruned earlier rank below all others, so masks only grow while the
+    sparsity does not decrease. At the end of each epoch the pruned weights
+    are zeroed again (momentum or weight decay can move them).
+
+    For one-shot models (``sparsity=`` or ``threshold=``) the callback is
+    optional: it only advances the step and re-zeroes weights; masks stay.
+
+    Args:
+        data: Data for data-driven criteria (``(x, y)`` or ``x``); defaults to
+            the ``data`` given to :func:`prune_channels` (needed again after
+            loading a saved model).
+        criterion: Override the criterion (needed after loading a model that
+            was pruned with a custom criterion object).
+        pruning_schedule: Override the schedule (needed after loading a model
+            pruned with a custom, unregistered schedule class).
+
+    Example:
+        >>> model.fit(x, y, epochs=3, callbacks=[kr.UpdatePruningStep()])  # doctest: +SKIP
+    """
+
+    def __init__(self, data=None, criterion=None, pruning_schedule=None):
+        super().__init__()
+        self._data = data
+        self._criterion_override = criterion
+        self._schedule_override = pruning_schedule
+        self._wrappers: Dict[str, StructuredPruningWrapper] = {}
+        self._analysis = None
+        self._analysis_model = None
+        self.step = 0
+        self.params_ = {}
+        self.schedule = None
+        self.criterion = None
+        self.last_sparsity = None
+
+    # -- setup -------------------------------------------------------------------
+    def _setup(self):
+        self._wrappers = wrapped_layers(self.model)
+        if not self._wrappers:
+            log.warning("UpdatePruningStep: the model has no StructuredPruningWrapper layers; nothing to do.")
+            return
+        first = next(iter(self._wrappers.values()))
+        self.params_ = first.pruning_params
+        runtime = first._runtime
+        self.schedule = self._schedule_override
+        if self.schedule is None and self.params_.get("mode") == "schedule":
+            self.schedule = runtime.schedule if runtime is not None and runtime.schedule is not None else \
+                _deserialize_schedule(self.params_["pruning_schedule"])
+        if self._criterion_override is not None:
+            from keras_rebuild.importance import get_criterion
+
+            self.criterion = get_criterion(self._criterion_override)
+        elif runtime is not None and runtime.criterion is not None:
+            self.criterion = runtime.criterion
+        else:
+            self.criterion = None  # resolved lazily (by name) at the first update
+        if self._data is None and runtime is not None:
+            self._data = runtime.data
+        step = int(keras.backend.get_value(first.pruning_step))
+        self.step = max(step, 0)
+        if step < 0:
+            self._set_step(0)
+        if self._analysis_model is not self.model:
+            self._analysis = None
+        for w in self._wrappers.values():
+            w._callback_active = True
+
+    def _set_step(self, value):
+        keras.backend.batch_set_value([(w.pruning_step, int(value)) for w in self._wrappers.values()])
+
+    def set_model(self, model):
+        super().set_model(model)
+        self._wrappers = {}
+
+    def on_train_begin(self, logs=None):
+        self._setup()
+
+    def on_train_end(self, logs=None):
+        if not self._wrappers:
+            return
+        self._zero_weights()
+        for w in self._wrappers.values():
+            w._callback_active = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._wrappers:
+            self._zero_weights()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self._wrappers:
+            self._setup()
+            if not self._wrappers:
+                return
+        if self.schedule is None:
+            return
+        should, sparsity = self._decide(self.step)
+        if should:
+            self.update_masks(sparsity)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._wrappers:
+            return
+        self.step += 1
+        self._set_step(self.step)
+
+    # -- logic -------------------------------------------------------------------
+    def _decide(self, step):
+        should, sparsity = self.schedule(tf.constant(step, tf.int64))
+        should = bool(np.asarray(should))
+        sparsity = float(np.asarray(sparsity))
+        freq = self.params_.get("frequency")
+        if freq:
+            begin = int(getattr(self.schedule, "begin_step", 0))
+            end = int(getattr(self.schedule, "end_step", -1))
+            should = step >= begin and (end < 0 or step <= end) and (step - begin) % int(freq) == 0
+        return should, sparsity
+
+    def _get_criterion(self):
+        if self.criterion is None:
+            from keras_rebuild.importance import get_criterion
+
+            name = self.params_.get("criterion", "l1")
+            try:
+                self.criterion = get_criterion(name)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(
+                    f"Expected a criterion to update the masks; the model was pruned with '{name}', which is not a "
+                    "built-in name. Pass it again: `UpdatePruningStep(criterion=...)`. "
+                    f"Received: criterion={name!r}"
+                ) from exc
+        return self.criterion
+
+    def analysis(self):
+        """The (cached) channel analysis of the wrapped model being trained."""
+        if self._analysis is None or self._analysis_model is not self.model:
+            from keras_rebuild.groups import Analysis
+
+            self._analysis = Analysis(self.model)
+            self._analysis_model = self.model
+        return self._analysis
+
+    def update_masks(self, sparsity: float):
+        """Recompute importance from the current weights and set every mask for ``sparsity``."""
+        if not self._wrappers:
+            self._setup()
+        analysis = self.analysis()
+        crit = self._get_criterion()
+        if crit.needs_data:
+            x, y = _split_data(self._data)
+            if x is None:
+                raise InvalidArgumentError(
+                    f"Expected data for the data-driven criterion '{crit.name}': pass "
+                    "`UpdatePruningStep(data=(x, y))` (data given to prune_channels is not saved with the model). "
+                    "Received: data=None"
+                )
+            crit.set_data(self.model, x, y)
+        current = _current_weights(self.model, self._wrappers)
+        current = {p: w for p, w in current.items() if p in analysis.weights}
+        scores = crit(analysis, weights=current)
+        removed = _removed_components(analysis, self._wrappers)
+        scores = _rank_pruned_last(analysis, scores, removed)
+        remove = _select(analysis, scores, self.params_, sparsity=float(sparsity))
+        _apply_remove(analysis, self._wrappers, remove)
+        self.last_sparsity = float(sparsity)
+        log.info("UpdatePruningStep: step %d, sparsity %.3f, %d channel components pruned",
+                 self.step, sparsity, int(remove.sum()))
+
+    def _zero_weights(self):
+        for w in self._wrappers.values():
+            w._zero_pruned_weights()
+
+
+__all__ = [
+    "StructuredPruningWrapper", "StructuredPruningWrapperHandler", "UpdatePruningStep", "prune_channels",
+    "strip_pruning", "wrapped_layers",
+]
