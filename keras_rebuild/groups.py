@@ -195,7 +195,9 @@ class Analysis:
             in_zero = [zero[self.elements(t)] for t in op.inputs]
             if op.kind != "layer":
                 for t, z in zip(op.outputs, in_zero):
-                    zero[self.elements(t)] = z if not op.multi_call else False
+                    # A shared nested model's inputs are not known zero (each call differs), so
+                    # what its outputs are known to be is true for every call and may flow out.
+                    zero[self.elements(t)] = z if op.kind == "link_out" or not op.multi_call else False
                 continue
             if getattr(op, "opaque", False):
                 continue  # outputs stay "not known to be zero"

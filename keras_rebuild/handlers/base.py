@@ -166,7 +166,7 @@ def mask_array(w, roles, keep_in, keep_out, multiplier):
         elif role == "out":
             keep = keep_out
         else:
-            keep = np.repeat(keep_in, multiplier)
+            keep = None if keep_in is None else np.repeat(keep_in, multiplier)
         if keep is None or keep.all():
             continue
         shape = [1] * w.ndim
