@@ -52,6 +52,16 @@ def is_graph_model(obj) -> bool:
     return isinstance(obj, keras.Model) and getattr(obj, "_is_graph_network", False)
 
 
+def all_layers(model) -> list:
+    """Every layer of ``model``, nested models' layers included (after the nested model)."""
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if is_graph_model(layer):
+            out.extend(all_layers(layer))
+    return out
+
+
 def check_model(model, arg_name: str = "model"):
     """Raise our errors for objects that are not walkable Keras models."""
     if not isinstance(model, keras.Model):

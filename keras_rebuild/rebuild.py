@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from keras_rebuild._compat import keras
-from keras_rebuild.graph import check_model, is_graph_model
+from keras_rebuild.graph import all_layers, check_model, is_graph_model
 from keras_rebuild.groups import Analysis, _table
 
 log = logging.getLogger("keras_rebuild")
@@ -160,27 +160,19 @@ def rebuild(model, *, return_report: bool = False):
 def strip_any_wrappers(model):
     """Strip keras_rebuild's or tfmot's pruning wrappers (on a copy); else return ``model``."""
     check_model(model)  # NotAModelError/UnsupportedModelError, not AttributeError, for bad input
-    layers = _all_layers(model)
+    layers = all_layers(model)
     names = {type(layer).__name__ for layer in layers}
     if "StructuredPruningWrapper" in names:
         from keras_rebuild.wrappers import strip_pruning
 
         model = strip_pruning(model)
-        names = {type(layer).__name__ for layer in _all_layers(model)}
+        names = {type(layer).__name__ for layer in all_layers(model)}
     if "PruneLowMagnitude" in names:
         from keras_rebuild._compat import tfmot
 
         model = tfmot().sparsity.keras.strip_pruning(model)
     return model
 
-
-def _all_layers(model):
-    out = []
-    for layer in model.layers:
-        out.append(layer)
-        if is_graph_model(layer):
-            out.extend(_all_layers(layer))
-    return out
 
 
 def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = True):
@@ -273,7 +265,7 @@ def _build(model, new_configs, input_shapes):
     config = copy.deepcopy(model.get_config())
     _edit_config(config, "", new_configs, input_shapes, top=True)
     custom = {}
-    for layer in _all_layers(model) + [model]:
+    for layer in all_layers(model) + [model]:
         cls = type(layer)
         custom[cls.__name__] = cls
         try:

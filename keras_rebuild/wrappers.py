@@ -48,7 +48,7 @@ from keras_rebuild.errors import (
     MissingCallbackError,
     received,
 )
-from keras_rebuild.graph import check_model, is_graph_model
+from keras_rebuild.graph import all_layers, check_model, is_graph_model
 from keras_rebuild.handlers import LayerHandler, get_handler, mask_array, register_handler
 
 log = logging.getLogger("keras_rebuild")
@@ -645,7 +645,7 @@ def prune_channels(
     from keras_rebuild.importance import get_criterion
 
     check_model(model)
-    if any(isinstance(layer, StructuredPruningWrapper) for layer in _all_layers(model)):
+    if any(isinstance(layer, StructuredPruningWrapper) for layer in all_layers(model)):
         raise InvalidArgumentError(
             "Expected `model` not to be wrapped by `prune_channels` already: call "
             f"`keras_rebuild.strip_pruning(model)` first. Received: model='{model.name}' with StructuredPruningWrapper layers"
@@ -751,14 +751,6 @@ def prune_channels(
              len(wrap), mode, n_pruned)
     return wrapped
 
-
-def _all_layers(model):
-    out = []
-    for layer in model.layers:
-        out.append(layer)
-        if is_graph_model(layer):
-            out.extend(_all_layers(layer))
-    return out
 
 
 # ----------------------------------------------------------------------------- strip

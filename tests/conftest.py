@@ -19,6 +19,18 @@ except RuntimeError:  # already initialised
     pass
 
 from keras_rebuild._compat import keras  # noqa: E402
+from keras_rebuild.testing import predict, random_inputs, weights_digest  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs, shared by every test of the process.
+
+    Two strategy objects in one process start their collective-op keys at the
+    same number, and TensorFlow then mixes their all-reduces up ("Shape
+    mismatch in the collective instance"): tests share a single strategy.
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
 @pytest.fixture(autouse=True)
@@ -27,28 +39,6 @@ def _seed_everything():
     keras.utils.set_random_seed(1234)
     yield
     keras.backend.clear_session()
-
-
-def random_inputs(model, batch=4, seed=0):
-    """Random float inputs matching a model's input shapes (None dims -> batch)."""
-    rng = np.random.default_rng(seed)
-    xs = []
-    for t in model.inputs:
-        shape = [batch] + [d if d is not None else 8 for d in t.shape[1:]]
-        if t.dtype.is_integer:
-            xs.append(rng.integers(0, 10, size=shape).astype(t.dtype.as_numpy_dtype))
-        else:
-            xs.append(rng.normal(size=shape).astype("float32"))
-    return xs if len(xs) > 1 else xs[0]
-
-
-def predict(model, x):
-    out = model(x, training=False)
-    if isinstance(out, (list, tuple)):
-        return [np.asarray(o) for o in out]
-    if isinstance(out, dict):
-        return [np.asarray(out[k]) for k in sorted(out)]
-    return [np.asarray(out)]
 
 
 def assert_models_close(a, b, x=None, atol=1e-4, rtol=1e-4):
@@ -60,15 +50,3 @@ def assert_models_close(a, b, x=None, atol=1e-4, rtol=1e-4):
     for u, v in zip(ya, yb):
         assert u.shape == v.shape, (u.shape, v.shape)
         np.testing.assert_allclose(u, v, atol=atol, rtol=rtol)
-
-
-def weights_digest(model):
-    """A digest of a model's weights and config, to check nothing was modified."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    for w in model.get_weights():
-        h.update(np.ascontiguousarray(w).tobytes())
-    h.update(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
-    return h.hexdigest()

@@ -70,10 +70,10 @@ def test_demo_rejects_sparsity_of_one(tmp_path):
 
 
 def test_python_dash_m_demo_passes_options_through_to_the_demo(capsys):
-    from keras_rebuild.__main__ import _main
+    from keras_rebuild.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        _main(["demo", "--help"])
+        main(["demo", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--output-dir" in out and "--quick" in out

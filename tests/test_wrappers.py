@@ -313,9 +313,9 @@ def test_save_and_load_mid_training_without_custom_scope_resumes_the_schedule(di
     assert pruned_fraction(loaded) == {"conv1": 0.5, "conv2": 0.5, "conv3": 0.5, "fc1": 0.5}
 
 
-def test_mirrored_strategy_fit_reaches_final_sparsity_with_masks_equal_on_every_replica(digits):
+def test_mirrored_strategy_fit_reaches_final_sparsity_with_masks_equal_on_every_replica(digits, mirrored_strategy):
     x, y = small_data(digits, 256)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored_strategy
     with strategy.scope():
         pruned = compiled(prune_channels(kr.digits_cnn(width=8), pruning_schedule=schedule(0.5, end=8, frequency=2)))
     history = pruned.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[UpdatePruningStep()])
