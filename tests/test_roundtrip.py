@@ -309,3 +309,16 @@ def test_rebuilt_random_graph_round_trips_through_keras_format(tmp_path, spec, s
     x = random_inputs(model, seed=seed)
     for u, v in zip(predict(small, x), predict(loaded, x)):
         np.testing.assert_allclose(u, v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_wrapped_model_round_trips_through_every_save_format(tmp_path, fmt):
+    pruned = kr.prune_channels(kr.digits_cnn(width=8), sparsity=0.5)
+    x = random_inputs(pruned, seed=3)
+    path = save(pruned, tmp_path, fmt)
+    keras.backend.clear_session()
+    loaded = keras.models.load_model(path, compile=False)
+    assert isinstance(loaded.get_layer("conv2"), kr.StructuredPruningWrapper)
+    for u, v in zip(predict(pruned, x), predict(loaded, x)):
+        np.testing.assert_array_equal(u, v)
+    assert_models_close(kr.rebuild(pruned), kr.rebuild(loaded), x=x, tol=1e-6)
