@@ -539,14 +539,19 @@ def _io_details(interpreter):
     return inputs, outputs
 
 
+def _resize_inputs(interpreter, in_details, xs: List[np.ndarray]) -> None:
+    """Resize the interpreter's inputs to the arrays' shapes where they differ, then allocate."""
+    for d, x in zip(in_details, xs):
+        if tuple(d["shape"]) != x.shape:
+            interpreter.resize_tensor_input(d["index"], list(x.shape), strict=False)
+    interpreter.allocate_tensors()
+
+
 def _invoke(interpreter, in_details, out_details, xs: List[np.ndarray]) -> List[np.ndarray]:
     """Run the interpreter on a batch, resizing the batch axis (or looping sample by sample)."""
     batch = xs[0].shape[0]
     try:
-        for d, x in zip(in_details, xs):
-            if tuple(d["shape"]) != x.shape:
-                interpreter.resize_tensor_input(d["index"], list(x.shape), strict=False)
-        interpreter.allocate_tensors()
+        _resize_inputs(interpreter, in_details, xs)
         for d, x in zip(in_details, xs):
             interpreter.set_tensor(d["index"], _quantize_input(x, d))
         interpreter.invoke()
@@ -932,10 +937,7 @@ def _benchmark_inputs(interpreter, in_details, inputs, seed: int = 0) -> None:
             raise InvalidArgumentError(
                 f"Expected `inputs` to hold {len(in_details)} array(s). Received: {len(xs)} array(s)"
             )
-        for d, x in zip(in_details, xs):
-            if tuple(d["shape"]) != x.shape:
-                interpreter.resize_tensor_input(d["index"], list(x.shape), strict=False)
-        interpreter.allocate_tensors()
+        _resize_inputs(interpreter, in_details, xs)
     for d, x in zip(in_details, xs):
         interpreter.set_tensor(d["index"], _quantize_input(x, d))
 

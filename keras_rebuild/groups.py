@@ -143,6 +143,11 @@ class Analysis:
             # A layer that blocks all its inputs is opaque: claim nothing about its outputs.
             op.opaque = op.blocked_inputs >= set(op.inputs)
 
+    def block_all(self, op, reason: str):
+        """Keep every channel of every input and output of ``op``."""
+        for t in op.inputs + op.outputs:
+            self.block(t, reason, op.path)
+
     def reads(self, op, t: int):
         """Record that a kernel layer reads tensor ``t`` (checked before removal)."""
         self.read_log.append((op, op.inputs.index(t), t))

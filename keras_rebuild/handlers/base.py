@@ -92,8 +92,7 @@ class LayerHandler:
     def connect(self, ctx, op):
         """Declare channel relations for one call of the layer (see ``Analysis``)."""
         reason = self.block_reason(op.layer)
-        for t in op.inputs + op.outputs:
-            ctx.block(t, reason, op.path)
+        ctx.block_all(op, reason)
 
     def block_reason(self, layer) -> str:
         return f"layer '{layer.name}' of class {type(layer).__name__} has no channel handler"

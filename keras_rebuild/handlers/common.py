@@ -72,8 +72,7 @@ class TiedHandler(LayerHandler):
         t_in, t_out = op.inputs[0], op.outputs[0]
         c_in, c_out = ctx.channels(t_in), ctx.channels(t_out)
         if c_in * m != c_out:
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"layer '{op.layer.name}' changes the channel count from {c_in} to {c_out}", op.path)
+            ctx.block_all(op, f"layer '{op.layer.name}' changes the channel count from {c_in} to {c_out}")
             return
         ctx.tie(t_in, t_out, np.arange(c_out) // m)
 
@@ -174,8 +173,7 @@ class MergeHandler(LayerHandler):
             elif c == 1:
                 ctx.block(t, f"broadcast to every channel by '{op.layer.name}'", op.path)
             else:
-                for u in op.inputs + op.outputs:
-                    ctx.block(u, f"'{op.layer.name}' combines tensors of {c} and {c_out} channels", op.path)
+                ctx.block_all(op, f"'{op.layer.name}' combines tensors of {c} and {c_out} channels")
                 return
 
     def forward_zero(self, layer, weights, op, in_zero, out_channels):

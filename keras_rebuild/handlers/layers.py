@@ -26,9 +26,7 @@ def _channels_last(layer) -> bool:
 class _ChannelsFirstAware:
     def connect(self, ctx, op):
         if not _channels_last(op.layer):
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"'{op.layer.name}' uses data_format='channels_first' (only channels_last is supported)",
-                          op.path)
+            ctx.block_all(op, f"'{op.layer.name}' uses data_format='channels_first' (only channels_last is supported)")
             if getattr(self, "kind", "") == "mixing":  # still a writer: its group shows why it is kept
                 for t in op.outputs:
                     ctx.writes(op, t)
@@ -195,9 +193,8 @@ class BatchNormHandler(TiedHandler):
     def connect(self, ctx, op):
         rank = len(ctx.shape(op.inputs[0]))
         if not _last_axis_only(op.layer, rank):
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"BatchNormalization '{op.layer.name}' normalises axis {op.layer.axis}, "
-                             "not the channel axis", op.path)
+            ctx.block_all(op, f"BatchNormalization '{op.layer.name}' normalises axis {op.layer.axis}, "
+                             "not the channel axis")
             return
         super().connect(ctx, op)
 
@@ -240,8 +237,7 @@ class LayerNormHandler(LayerHandler):
         if (rank - 1) not in [a % rank for a in axes]:
             ctx.tie(op.inputs[0], op.outputs[0])
             return
-        for t in op.inputs + op.outputs:
-            ctx.block(t, f"{type(op.layer).__name__} '{op.layer.name}' normalises over the channel axis", op.path)
+        ctx.block_all(op, f"{type(op.layer).__name__} '{op.layer.name}' normalises over the channel axis")
 
 
 @register_handler(L.PReLU)
@@ -281,8 +277,7 @@ class ActivationHandler(ProbedPassThroughHandler):
     def connect(self, ctx, op):
         elementwise, _ = activation_check(op.layer)
         if not elementwise:
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"activation of '{op.layer.name}' is not element-wise", op.path)
+            ctx.block_all(op, f"activation of '{op.layer.name}' is not element-wise")
             return
         super().connect(ctx, op)
 
@@ -293,8 +288,7 @@ class SoftmaxHandler(ProbedPassThroughHandler):
         rank = len(ctx.shape(op.inputs[0]))
         axes = op.layer.axis if isinstance(op.layer.axis, (list, tuple)) else [op.layer.axis]
         if (rank - 1) in [a % rank for a in axes]:
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"Softmax '{op.layer.name}' normalises over the channel axis", op.path)
+            ctx.block_all(op, f"Softmax '{op.layer.name}' normalises over the channel axis")
             return
         super().connect(ctx, op)
 
@@ -303,8 +297,7 @@ class SoftmaxHandler(ProbedPassThroughHandler):
 class RescalingHandler(TiedHandler):
     def connect(self, ctx, op):
         if np.ndim(op.layer.scale) or np.ndim(op.layer.offset):
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"Rescaling '{op.layer.name}' has per-channel scale or offset", op.path)
+            ctx.block_all(op, f"Rescaling '{op.layer.name}' has per-channel scale or offset")
             return
         super().connect(ctx, op)
 
@@ -363,14 +356,12 @@ class FlattenHandler(LayerHandler):
 
     def connect(self, ctx, op):
         if not _channels_last(op.layer):
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"'{op.layer.name}' uses data_format='channels_first'", op.path)
+            ctx.block_all(op, f"'{op.layer.name}' uses data_format='channels_first'")
             return
         in_shape = ctx.shape(op.inputs[0])
         c_out = ctx.channels(op.outputs[0])
         if any(d is None for d in in_shape[1:]):
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"Flatten '{op.layer.name}' has an input of unknown size {in_shape}", op.path)
+            ctx.block_all(op, f"Flatten '{op.layer.name}' has an input of unknown size {in_shape}")
             return
         ctx.tie(op.inputs[0], op.outputs[0], _flatten_map(in_shape, c_out))
 
@@ -403,9 +394,8 @@ class ReshapeHandler(LayerHandler):
         elif mode == "flatten":
             ctx.tie(op.inputs[0], op.outputs[0], _flatten_map(in_shape, out_shape[-1]))
         else:
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"Reshape '{op.layer.name}' moves channels between axes "
-                             f"({in_shape[1:]} -> {out_shape[1:]})", op.path)
+            ctx.block_all(op, f"Reshape '{op.layer.name}' moves channels between axes "
+                             f"({in_shape[1:]} -> {out_shape[1:]})")
 
     def forward_zero(self, layer, weights, op, in_zero, out_channels):
         return [in_zero[0][np.arange(out_channels[0]) % len(in_zero[0])]]
@@ -445,13 +435,11 @@ class TFOpLambdaHandler(LayerHandler):
             return
         if fn in _SUM | _PRODUCT:
             if not self._constants_scalar(op):
-                for t in op.inputs + op.outputs:
-                    ctx.block(t, f"'{op.layer.name}' ({fn}) uses a non-scalar constant", op.path)
+                ctx.block_all(op, f"'{op.layer.name}' ({fn}) uses a non-scalar constant")
                 return
             MergeHandler.connect(self, ctx, op)
             return
-        for t in op.inputs + op.outputs:
-            ctx.block(t, f"TF op '{op.layer.name}' ({fn}) is not known to keep channels apart", op.path)
+        ctx.block_all(op, f"TF op '{op.layer.name}' ({fn}) is not known to keep channels apart")
 
     def _constants_scalar(self, op):
         for arg in tf.nest.flatten((op.node.call_args, op.node.call_kwargs)):
@@ -518,8 +506,7 @@ class NormalizationHandler(TiedHandler):
         axis = axis if isinstance(axis, (list, tuple)) else (axis,)
         rank = len(ctx.shape(op.inputs[0]))
         if cfg.get("mean") is not None or tuple(a % rank for a in axis) != (rank - 1,):
-            for t in op.inputs + op.outputs:
-                ctx.block(t, f"Normalization '{op.layer.name}' has fixed statistics or another axis", op.path)
+            ctx.block_all(op, f"Normalization '{op.layer.name}' has fixed statistics or another axis")
             return
         super().connect(ctx, op)
 
