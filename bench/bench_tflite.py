@@ -165,11 +165,9 @@ def rebuild_pruned(model: keras.Model, sparsity: float) -> keras.Model:
 
 
 def _leaf_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
-        else:
-            yield layer
+    from keras_rebuild.graph import all_layers
+
+    return [layer for layer in all_layers(model) if not isinstance(layer, keras.Model)]
 
 
 def _spatial(shape) -> int:

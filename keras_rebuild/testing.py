@@ -135,10 +135,9 @@ def layer_channels(model) -> Dict[str, Tuple[int, int]]:
     g = Graph(model)
     out = {}
     for path, layer in g.iter_layers():
-        ops = [o for o in g.layer_ops.get(path, []) if o.kind == "layer"]
-        if not ops or not layer.weights:
+        op = g.first_op(path)  # a plain layer's calls are all of kind "layer"
+        if op is None or not layer.weights:
             continue
-        op = ops[0]
         c_in = g.tensors[op.inputs[0]].channels if op.inputs else 0
         c_out = g.tensors[op.outputs[0]].channels if op.outputs else 0
         out[path] = (c_in, c_out)
@@ -241,10 +240,9 @@ def expected_channels(analysis, remove) -> Dict[str, Tuple[int, int]]:
     kept = analysis.kept_indices(remove)
     out = {}
     for path, layer in g.iter_layers():
-        ops = [o for o in g.layer_ops.get(path, []) if o.kind == "layer"]
-        if not ops or not layer.weights:
+        op = g.first_op(path)  # a plain layer's calls are all of kind "layer"
+        if op is None or not layer.weights:
             continue
-        op = ops[0]
         k_in = len(kept[op.inputs[0]]) if op.inputs else 0
         k_out = len(kept[op.outputs[0]]) if op.outputs else 0
         out[path] = (k_in, k_out)

@@ -4,6 +4,7 @@ import pytest
 
 import keras_rebuild as kr
 from keras_rebuild._compat import keras, tfmot
+from keras_rebuild.graph import all_layers
 from keras_rebuild.groups import Analysis
 from keras_rebuild.masks import masked_weights, zero_channels
 from tests.conftest import assert_models_close, random_inputs, weights_digest
@@ -27,11 +28,7 @@ def randomize(model, seed=0):
 
 
 def _leaf_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
-        else:
-            yield layer
+    return [layer for layer in all_layers(model) if not isinstance(layer, keras.Model)]
 
 
 def zero_half(model, seed=0, fraction=0.5):
