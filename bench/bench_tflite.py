@@ -11,8 +11,10 @@ Variants:
                then ``strip_pruning``: same shapes, half the weights zero
   tfmot-80     the same at 80%
   rebuild-50   ``keras_rebuild.prune_channels(model, sparsity=0.5)`` then
-               ``keras_rebuild.rebuild(...)`` (skipped while those don't exist)
+               ``keras_rebuild.rebuild(...)``
   half-width   the same architecture built with half the channels
+  dense+int8, rebuild-50+int8
+               those models with full-integer quantization (random calibration data)
 
 Usage:
   python bench/bench_tflite.py --models vgg,mobilenetv2,resnet50 --runs 20 --out bench/RESULTS.md
@@ -36,7 +38,9 @@ from keras_rebuild.export import compare_latency, export_tflite
 
 log = logging.getLogger("bench_tflite")
 
-VARIANTS = ("dense", "tfmot-50", "tfmot-80", "rebuild-50", "half-width")
+VARIANTS = ("dense", "tfmot-50", "tfmot-80", "rebuild-50", "half-width", "dense+int8", "rebuild-50+int8")
+# A "+int8" variant is the same model exported with full-integer quantization (random calibration
+# data: for latency and size only), so float and int8 ratios come from one interleaved run.
 
 
 # --------------------------------------------------------------------------
@@ -239,6 +243,8 @@ def run_model(name: str, args) -> list:
 
     makers = {
         "dense": lambda: dense,
+        "dense+int8": lambda: dense,
+        "rebuild-50+int8": lambda: rebuild_pruned(fresh(), 0.5),
         "tfmot-50": lambda: tfmot_pruned(fresh(), 0.5),
         "tfmot-80": lambda: tfmot_pruned(fresh(), 0.8),
         "rebuild-50": lambda: rebuild_pruned(fresh(), 0.5),
@@ -255,10 +261,11 @@ def run_model(name: str, args) -> list:
             continue
         params, nonzero = count_params(model)
         macs = count_macs(model)
+        quantize = "int8" if variant.endswith("+int8") else args.quantize
         result = export_tflite(
-            model, quantize=args.quantize, verify=not args.no_verify, num_verify_samples=args.verify_samples,
+            model, quantize=quantize, verify=not args.no_verify, num_verify_samples=args.verify_samples,
             representative_data=(np.random.default_rng(0).normal(size=(16,) + tuple(model.inputs[0].shape[1:]))
-                                 .astype("float32") if args.quantize == "int8" else None),
+                                 .astype("float32") if quantize == "int8" else None),
         )
         exports[variant] = result.content
         v = result.verification
