@@ -226,13 +226,16 @@ def cost_report(analysis: Analysis, remove: Optional[np.ndarray] = None) -> Rebu
     """The report ``rebuild`` would give for ``remove`` (default: nothing), without building."""
     if remove is None:
         remove = np.zeros(analysis.num_components, bool)
-    kept = analysis.kept_indices(remove)
-    _, new_weights, rows, mb, ma = slice_layers(analysis, kept, build=False)
+    _, new_weights, rows, mb, ma = slice_layers(analysis, analysis.kept_indices(remove), build=False)
+    return _report(analysis, remove, new_weights, rows, mb, ma)
+
+
+def _report(analysis, remove, new_weights, rows, macs_before, macs_after) -> RebuildReport:
     params_before = int(sum(np.size(w) for ws in analysis.weights.values() for w in ws))
     params_after = int(sum(np.size(w) for ws in new_weights.values() for w in ws))
     groups = [GroupReport(grp.name, grp.size, int((~remove[grp.components]).sum()), grp.reasons)
               for grp in analysis.groups]
-    return RebuildReport(rows, groups, params_before, params_after, mb, ma)
+    return RebuildReport(rows, groups, params_before, params_after, int(macs_before), int(macs_after))
 
 
 def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
@@ -251,14 +254,7 @@ def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
             input_shapes[path + "/" + in_layer.name] = tuple(shape[:-1]) + (len(kept[t]),)
     new_model = _build(g.model, new_configs, input_shapes)
     _set_weights(new_model, new_weights, prefix="")
-    groups = []
-    for grp in analysis.groups:
-        after = int((~remove[grp.components]).sum())
-        groups.append(GroupReport(grp.name, grp.size, after, grp.reasons))
-    params_before = int(sum(np.size(w) for w in g.model.get_weights()))
-    params_after = int(sum(np.size(w) for w in new_model.get_weights()))
-    report = RebuildReport(layer_reports, groups, params_before, params_after, int(macs_before), int(macs_after))
-    return new_model, report
+    return new_model, _report(analysis, remove, new_weights, layer_reports, macs_before, macs_after)
 
 
 def _build(model, new_configs, input_shapes):

@@ -53,21 +53,22 @@ def test_missing_and_wrongly_formatted_models_are_clear_errors(tmp_path, capsys)
     assert "HDF5" in capsys.readouterr().err
 
 
-def test_h5_with_lambda_needs_unsafe(tmp_path, capsys):
+def save_lambda_model(path):
+    """A model with a Lambda layer (code stored in the file), saved at ``path``."""
     inp = keras.Input((4,))
-    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.Lambda(lambda t: t * 2)(inp)))
-    path = str(tmp_path / "lambda.h5")
-    model.save(path)
+    keras.Model(inp, keras.layers.Dense(2)(keras.layers.Lambda(lambda t: t * 2)(inp))).save(str(path))
+    return str(path)
+
+
+def test_h5_with_lambda_needs_unsafe(tmp_path, capsys):
+    path = save_lambda_model(tmp_path / "lambda.h5")
     assert cli.main(["inspect", path]) == 2
     assert "--unsafe" in capsys.readouterr().err
     assert cli.main(["inspect", path, "--unsafe"]) == 0
 
 
 def test_keras_file_with_lambda_is_refused_in_safe_mode(tmp_path, capsys):
-    inp = keras.Input((4,))
-    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.Lambda(lambda t: t * 2)(inp)))
-    path = str(tmp_path / "lambda.keras")
-    model.save(path)
+    path = save_lambda_model(tmp_path / "lambda.keras")
     assert cli.main(["inspect", path]) == 2
     assert "safe" in capsys.readouterr().err.lower()
 

@@ -42,7 +42,7 @@ def activation_check(layer):
     return True, _activation_of_zero_is_zero(name)
 
 
-def probe_zero(op, graph_tensors) -> bool:
+def probe_zero(op) -> bool:
     """Call a parameterless layer on all-zero inputs; True if the output is all zero."""
     node = op.node
     values = {}
@@ -99,7 +99,7 @@ class ProbedPassThroughHandler(TiedHandler):
     def zero_map(self, layer, weights, op, channels):
         cache = op.__dict__.setdefault("_probe", {})
         if "zero" not in cache:
-            cache["zero"] = probe_zero(op, None)
+            cache["zero"] = probe_zero(op)
         return cache["zero"], False
 
 

@@ -449,14 +449,11 @@ class TFOpLambdaHandler(LayerHandler):
                 return False
         return True
 
-    def depth_multiplier(self, layer):
-        return 1
-
     def forward_zero(self, layer, weights, op, in_zero, out_channels):
         fn = self._fn(layer)
         cache = op.__dict__.setdefault("_probe", {})
         if "zero" not in cache:
-            cache["zero"] = probe_zero(op, None)
+            cache["zero"] = probe_zero(op)
         c = out_channels[0]
         zs = [z if len(z) == c else np.full(c, bool(z.all())) for z in in_zero]
         if fn in _PRODUCT and len(zs) > 1:
