@@ -1,19 +1,13 @@
-"""The one place that imports Keras.
+"""The tf_keras flavour's imports: TensorFlow, tf_keras and (lazily) tfmot.
 
-keras_rebuild targets the Keras 2 API shipped as ``tf_keras`` (the API that
-tensorflow-model-optimization requires). ``TF_USE_LEGACY_KERAS=1`` must be set
-before TensorFlow is first imported so that ``tf.keras`` and tfmot agree with
-us; importing this module sets it when the user has not.
-
-Every other module does ``from keras_rebuild._compat import keras, tf``.
+Only modules that work on tf_keras models import this module, and only when
+such a model (or a tfmot object) arrives: importing ``keras_rebuild`` itself
+imports no Keras and no TensorFlow. Nothing here changes the process
+environment: ``tf_keras`` is imported by name, so ``tf.keras`` stays whatever
+the user's ``TF_USE_LEGACY_KERAS`` makes it.
 """
-import os
-
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+import tensorflow as tf
+import tf_keras as keras
 
 KERAS_VERSION = keras.__version__
 

@@ -8,7 +8,6 @@ from typing import List, Optional
 
 import numpy as np
 
-from keras_rebuild._compat import keras
 from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError, received
 from keras_rebuild.graph import check_model
 
@@ -77,10 +76,10 @@ def _measure(model, metric, sample):
 
 
 def _predicted_ratio(analysis, scores, metric, sparsity, select_kwargs, base):
-    from keras_rebuild.plan import select_channels
+    from keras_rebuild.plan import select_remove
     from keras_rebuild.rebuild import cost_report
 
-    remove = select_channels(analysis, scores, sparsity=sparsity, **select_kwargs)
+    remove = select_remove(analysis, scores, sparsity=sparsity, **select_kwargs)
     rep = cost_report(analysis, remove)
     value = rep.params_after if metric == "params" else rep.macs_after
     return value / base
@@ -178,7 +177,7 @@ def compress(
     report = CompressionReport(metric, float(target), params0, macs0, lat0, val0, [])
     current = model
     crit = get_criterion(criterion)
-    progbar = keras.utils.Progbar(max_steps, stateful_metrics=["ratio"] + sorted(val0)) if verbose else None
+    progbar = check_model(model).keras.utils.Progbar(max_steps, stateful_metrics=["ratio"] + sorted(val0)) if verbose else None
     select_kwargs = dict(scope=scope, round_to=round_to, ignore=ignore)
     for i in range(1, max_steps + 1):
         t0 = time.perf_counter()

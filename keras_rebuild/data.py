@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_rebuild._compat import keras
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0):
@@ -41,17 +40,34 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0):
     return (x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])
 
 
-def digits_cnn(width: int = 32, num_classes: int = 10, seed: int = 0) -> "keras.Model":
+def _keras(flavour):
+    if flavour == "keras3":
+        import keras
+
+        return keras
+    if flavour == "tf_keras":
+        from keras_rebuild._compat import keras
+
+        return keras
+    from keras_rebuild.errors import InvalidArgumentError, received
+
+    raise InvalidArgumentError(
+        f"Expected `flavour` to be 'keras3' or 'tf_keras'. Received: {received('flavour', flavour)}")
+
+
+def digits_cnn(width: int = 32, num_classes: int = 10, seed: int = 0, flavour: str = "tf_keras") -> "keras.Model":
     """A small functional CNN for 8x8x1 digits: conv-BN-ReLU blocks and a Dense head.
 
     Args:
         width: Channels of the first block; later blocks use ``2 * width``.
         num_classes: Output classes (softmax probabilities).
         seed: Seed of the weight initialisers.
+        flavour: ``"tf_keras"`` (Keras 2, for tfmot) or ``"keras3"`` (``import keras``, any backend).
 
     Returns:
-        An uncompiled ``keras.Model``.
+        An uncompiled ``keras.Model`` of that flavour.
     """
+    keras = _keras(flavour)
     init = lambda i: keras.initializers.GlorotUniform(seed=seed + i)  # noqa: E731
     inp = keras.Input((8, 8, 1), name="image")
     x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=init(0), name="conv1")(inp)

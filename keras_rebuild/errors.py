@@ -19,6 +19,10 @@ class UnsupportedModelError(KerasRebuildError, ValueError):
     """A model whose graph cannot be followed (e.g. a subclassed model)."""
 
 
+class MixedFlavoursError(KerasRebuildError, TypeError):
+    """Objects of Keras 3 and tf_keras are mixed in one call."""
+
+
 class InvalidWeightsError(KerasRebuildError, ValueError):
     """A layer holds NaN or Inf weights."""
 

@@ -69,9 +69,12 @@ class Analysis:
     """The channel dependency analysis of a model.
 
     Args:
-        model: A tf_keras Functional or Sequential model (nested models allowed).
-            It is only read.
+        model: A Keras 3 or tf_keras Functional or Sequential model (nested
+            models allowed). It is only read.
         check_weights: Raise on NaN or Inf weights.
+        weights: ``{layer path: [numpy arrays]}`` to analyse instead of the
+            layers' own weights (e.g. masked weights); layers not listed use
+            their own.
 
     Attributes:
         graph: The flattened :class:`~keras_rebuild.graph.Graph`.
@@ -85,13 +88,13 @@ class Analysis:
         >>> [g for g in a.groups if g.prunable]  # doctest: +SKIP
     """
 
-    def __init__(self, model, check_weights: bool = True):
+    def __init__(self, model, check_weights: bool = True, weights: Optional[Dict[str, List[np.ndarray]]] = None):
         self.graph = graph = Graph(model)
         self.model = model
         n = graph.num_elements
         self.weights: Dict[str, List[np.ndarray]] = {}
         for path, layer in graph.iter_layers():
-            self.weights[path] = layer.get_weights()
+            self.weights[path] = weights[path] if weights and path in weights else layer.get_weights()
             if check_weights:
                 _check_finite(path, layer, self.weights[path])
         self._edges_a: List[np.ndarray] = []
@@ -161,9 +164,9 @@ class Analysis:
         g = self.graph
         self._current_op = None
         for i, t in enumerate(g.inputs):
-            self.block(t, f"model input '{g.model.input_names[i]}'", "")
+            self.block(t, f"model input '{g.input_names[i]}'", "")
         for i, t in enumerate(g.outputs):
-            self.block(t, f"model output '{g.model.output_names[i]}'", "")
+            self.block(t, f"model output '{g.output_names[i]}'", "")
         for op in g.ops:
             if op.kind != "layer":
                 for a, b in zip(op.inputs, op.outputs):

@@ -49,7 +49,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from keras_rebuild._compat import keras, tf
 from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError, received
 from keras_rebuild.groups import Analysis
 
@@ -277,7 +276,7 @@ class BatchNormScale(Criterion):
         score = np.zeros(analysis.num_components, np.float64)
         has = np.zeros(analysis.num_components, np.int64)
         for path, layer in g.iter_layers():
-            if not isinstance(layer, keras.layers.BatchNormalization) or not getattr(layer, "scale", False):
+            if not g.backend.is_batch_norm(layer) or not getattr(layer, "scale", False):
                 continue
             op = g.first_op(path)
             if op is None or op.kind != "layer" or not weights.get(path):
@@ -355,11 +354,7 @@ def _measured_tensors(analysis) -> List[int]:
 
 def _apply_weights(model, analysis, weights):
     """A clone of ``model`` carrying ``weights`` (the user's model is not touched)."""
-    from keras_rebuild.masks import _assign
-
-    clone = keras.models.clone_model(model)
-    _assign(clone, model, weights, prefix="")
-    return clone
+    return analysis.graph.backend.clone_with_weights(model, weights)
 
 
 class DataCriterion(Criterion):
@@ -411,7 +406,8 @@ class DataCriterion(Criterion):
 
     def _run(self, analysis, weights, tensors):
         model, refs = self._model_for(analysis, weights)
-        probe = keras.Model(model.inputs, [refs[t] for t in tensors] + list(model.outputs))
+        backend = analysis.graph.backend
+        probe = backend.keras.Model(model.inputs, [refs[t] for t in tensors] + list(model.outputs))
         x = self.x
         n = len(x[0]) if isinstance(x, (list, tuple)) else len(x)
         sums = [np.zeros(analysis.channels(t), np.float64) for t in tensors]
@@ -421,18 +417,14 @@ class DataCriterion(Criterion):
             xb = [np.asarray(v)[sl] for v in x] if isinstance(x, (list, tuple)) else np.asarray(x)[sl]
             if self.needs_labels:
                 yb = _slice_labels(self.y, sl)
-                with tf.GradientTape() as tape:
-                    outs = probe(xb, training=False)
-                    acts = outs[: len(tensors)]
-                    preds = outs[len(tensors):]
-                    loss = self._loss(model, yb, preds)
-                grads = tape.gradient(loss, acts, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                acts, grads = backend.activations_and_gradients(
+                    probe, xb, len(tensors), lambda preds, yb=yb: self._loss(model, yb, preds))
                 grads = [np.asarray(gr, np.float64) for gr in grads]
             else:
                 outs = probe(xb, training=False)
                 acts = outs[: len(tensors)]
                 grads = None
-            acts = [np.asarray(a, np.float64) for a in acts]
+            acts = [np.asarray(backend.to_numpy(a), np.float64) for a in acts]
             for k, (s, c) in enumerate(self.statistic(acts, grads)):
                 sums[k] += s
                 counts[k] += c
@@ -540,11 +532,14 @@ class Taylor(DataCriterion):
         self.loss = loss
 
     def _loss_fn(self, model):
+        from keras_rebuild.backends import backend_for
+
+        backend = backend_for(model)
         if self.loss is not None:
-            return keras.losses.get(self.loss)
+            return backend.keras.losses.get(self.loss)
         for m in (self.model, model):
-            compiled = getattr(m, "compiled_loss", None) if m is not None else None
-            if compiled is not None and getattr(m, "loss", None) is not None:
+            compiled = backend.compiled_loss(m) if m is not None else None
+            if compiled is not None:
                 return compiled
         raise InvalidArgumentError(
             "Expected a loss for the 'taylor' criterion: compile the model or pass "
@@ -553,10 +548,9 @@ class Taylor(DataCriterion):
 
     def _loss(self, model, y, preds):
         fn = self._loss_fn(model)
-        pred = preds[0] if len(preds) == 1 else list(preds)
-        y = tf.nest.map_structure(tf.convert_to_tensor, y)
-        out = fn(y, pred)
-        return tf.reduce_sum(out) if out.shape.rank else out
+        from keras_rebuild.backends import backend_for
+
+        return backend_for(model).loss_value(fn, y, preds)
 
     def statistic(self, values, grads):
         out = []

@@ -5,7 +5,6 @@ from typing import Dict, List
 
 import numpy as np
 
-from keras_rebuild._compat import keras
 from keras_rebuild.groups import Analysis
 from keras_rebuild.handlers import mask_array
 
@@ -56,17 +55,4 @@ def zero_channels(model, remove: np.ndarray, analysis: Analysis = None):
     """
     analysis = analysis or Analysis(model)
     weights = masked_weights(analysis, remove)
-    clone = keras.models.clone_model(model)
-    _assign(clone, model, weights, prefix="")
-    return clone
-
-
-def _assign(clone, original, weights, prefix):
-    from keras_rebuild.graph import is_graph_model
-
-    for new_layer, old_layer in zip(clone.layers, original.layers):
-        path = prefix + old_layer.name
-        if is_graph_model(old_layer):
-            _assign(new_layer, old_layer, weights, path + "/")
-        elif old_layer.weights:
-            new_layer.set_weights(weights.get(path, old_layer.get_weights()))
+    return analysis.graph.backend.clone_with_weights(model, weights)

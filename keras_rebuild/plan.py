@@ -168,7 +168,7 @@ def _lowest(s: np.ndarray, free: np.ndarray, n: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- selection
-def select_channels(
+def select_remove(
     analysis: Analysis,
     scores: Dict[str, np.ndarray],
     *,
@@ -180,7 +180,9 @@ def select_channels(
     ignore: Sequence[str] = (),
     normalize: str = "mean",
 ) -> np.ndarray:
-    """Choose the channels to prune: the lowest-scored ones of every prunable group.
+    """Choose the channels to prune, as a boolean array over components (see :func:`select_channels`).
+
+    This is the array form of :func:`select_channels`: the lowest-scored channels of every prunable group.
 
     Blocked channels (model inputs and outputs, channels of LayerNorm, softmax
     or unknown layers...) are never chosen, nor are groups that are not
@@ -233,7 +235,7 @@ def select_channels(
         InvalidArgumentTypeError: on an argument of the wrong type.
 
     Example:
-        >>> remove = select_channels(analysis, scores, sparsity=0.5, round_to=8)  # doctest: +SKIP
+        >>> remove = select_remove(analysis, scores, sparsity=0.5, round_to=8)   # doctest: +SKIP
         >>> pruned = zero_channels(model, remove, analysis)                      # doctest: +SKIP
     """
     if not isinstance(analysis, Analysis):
@@ -344,6 +346,55 @@ class Plan:
     sizes: Dict[str, int]
     meta: Dict[str, object] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        """Validate and normalise: kept indices become sorted, unique, in range (the one place they are checked)."""
+        if not isinstance(self.kept, dict) or not isinstance(self.sizes, dict):
+            raise InvalidArgumentTypeError(
+                "Expected `kept` and `sizes` to be dicts keyed by group name. "
+                f"Received: kept={type(self.kept).__name__}, sizes={type(self.sizes).__name__}"
+            )
+        kept = {}
+        for name, idx in self.kept.items():
+            try:
+                arr = np.asarray(idx).reshape(-1)
+                ok = arr.size == 0 or np.issubdtype(arr.dtype, np.integer)
+            except (TypeError, ValueError):
+                ok = False
+            size = self.sizes.get(name)
+            out_of_range = ok and len(arr) and (arr.min() < 0 or (size is not None and arr.max() >= size))
+            if not ok or out_of_range or len(np.unique(arr)) != len(arr):
+                raise InvalidArgumentError(
+                    f"Expected the kept channels of group '{name}' to be distinct indices (integers) in "
+                    f"[0, {size if size is not None else 'size'}). Received: {received('kept', idx)}"
+                )
+            kept[str(name)] = [int(i) for i in np.sort(arr)]
+        self.kept = kept
+        self.sizes = {str(k): int(v) for k, v in self.sizes.items()}
+
+    def save(self, path) -> None:
+        """Write the plan as JSON to ``path`` (atomically)."""
+        import os
+        import tempfile
+
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json(indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        """Read a plan written by :meth:`save`."""
+        with open(path) as f:
+            return cls.from_json(f.read())
+
     @classmethod
     def from_remove(cls, analysis: Analysis, remove: np.ndarray, meta: Optional[dict] = None) -> "Plan":
         """The plan of a boolean remove array over the components of ``analysis``."""
@@ -376,13 +427,15 @@ class Plan:
                 close = difflib.get_close_matches(name, list(by_name), n=3)
                 hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 raise InvalidArgumentError(
-                    f"Expected the plan's groups to be channel groups of the model; '{name}' is not one.{hint} "
+                    f"Expected the plan's groups to be channel groups of the model (the model's architecture "
+                    f"differs at layer '{name}'); '{name}' is not one.{hint} "
                     f"Received: plan groups={list(self.kept)[:10]}"
                 )
             size = self.sizes.get(name, g.size)
             if size != g.size:
                 raise InvalidArgumentError(
-                    f"Expected group '{name}' to have {size} channels as in the plan; the model's has {g.size}. "
+                    f"Expected group '{name}' to have {size} channels as in the plan; the model's has {g.size} "
+                    f"(its architecture differs at layer '{name}'). "
                     f"Received: a model whose group '{name}' has {g.size} channels"
                 )
             idx = np.asarray(kept, np.int64).reshape(-1)
@@ -443,14 +496,64 @@ class Plan:
 
 
 def make_plan(analysis: Analysis, scores: Dict[str, np.ndarray], **kwargs) -> Plan:
-    """:func:`select_channels` as a :class:`Plan` (same arguments).
+    """:func:`select_remove` as a :class:`Plan` (same arguments).
 
     Returns:
         The plan; its ``meta`` records the selection arguments.
     """
-    remove = select_channels(analysis, scores, **kwargs)
+    remove = select_remove(analysis, scores, **kwargs)
     meta = {k: (list(v) if isinstance(v, (tuple, set)) else v) for k, v in kwargs.items()}
     return Plan.from_remove(analysis, remove, meta)
 
 
-__all__ = ["select_channels", "make_plan", "Plan", "ignored_groups"]
+def select_channels(model, scores: Optional[Dict[str, np.ndarray]] = None, *, criterion="l1", **kwargs) -> Plan:
+    """Choose which channels of a model to prune, as a replayable :class:`Plan`.
+
+    The plan holds, per channel group, the sorted indices of the channels that
+    stay. Apply it with ``kr.rebuild(model, plan)`` (also to the same
+    architecture loaded from a file, in either Keras flavour), save it with
+    :meth:`Plan.save` and read it back with :meth:`Plan.load`.
+
+    Args:
+        model: A Keras 3 or tf_keras model, or its :class:`~keras_rebuild.Analysis`.
+            It is only read.
+        scores: ``{group name: per-channel scores}``; computed with
+            ``criterion`` when omitted.
+        criterion: A criterion name (``"l1"``, ``"l2"``, ``"bn_scale"``, ...) or
+            :class:`~keras_rebuild.Criterion`, used when ``scores`` is omitted.
+        **kwargs: Selection settings: ``sparsity`` or ``threshold``, ``scope``,
+            ``round_to``, ``min_channels``, ``ignore``, ``normalize`` (see
+            :func:`select_remove`).
+
+    Returns:
+        A :class:`Plan`; its ``meta`` records the criterion and settings.
+
+    Raises:
+        NotAModelError: ``model`` is neither a Keras model nor an Analysis.
+        InvalidArgumentError: on bad settings (see :func:`select_remove`).
+
+    Example:
+        >>> plan = kr.select_channels(model, sparsity=0.5, round_to=8)   # doctest: +SKIP
+        >>> plan.save("plan.json")                                       # doctest: +SKIP
+        >>> small = kr.rebuild(model, kr.Plan.load("plan.json"))         # doctest: +SKIP
+    """
+    analysis = model if isinstance(model, Analysis) else _analyze(model)
+    if scores is None:
+        from keras_rebuild.importance import get_criterion
+
+        crit = get_criterion(criterion)
+        scores = crit(analysis)
+        kwargs = dict(kwargs, criterion=getattr(crit, "name", str(criterion)))
+    plan = make_plan(analysis, scores, **{k: v for k, v in kwargs.items() if k != "criterion"})
+    if "criterion" in kwargs:
+        plan.meta["criterion"] = kwargs["criterion"]
+    return plan
+
+
+def _analyze(model) -> Analysis:
+    from keras_rebuild.rebuild import strip_any_wrappers
+
+    return Analysis(strip_any_wrappers(model))
+
+
+__all__ = ["select_channels", "select_remove", "make_plan", "Plan", "ignored_groups"]

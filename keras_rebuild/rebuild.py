@@ -1,16 +1,14 @@
 """Rebuild a model with physically smaller layers that computes exactly the same function."""
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import logging
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from keras_rebuild._compat import keras
-from keras_rebuild.graph import all_layers, check_model, is_graph_model
+from keras_rebuild.errors import InvalidArgumentTypeError
+from keras_rebuild.graph import check_model
 from keras_rebuild.groups import Analysis, _table
 
 log = logging.getLogger("keras_rebuild")
@@ -56,6 +54,8 @@ class RebuildReport:
     params_after: int
     macs_before: int
     macs_after: int
+    notes: List[str] = dataclasses.field(default_factory=list)
+    dead_beyond_plan: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def params_ratio(self) -> float:
@@ -83,6 +83,11 @@ class RebuildReport:
             text += "\n\nChannels kept whatever their weights:\n"
             text += "\n".join(f"  {g.name}: {g.channels_after} channels - " + "; ".join(g.reasons[:3])
                               for g in kept)
+        if self.dead_beyond_plan:
+            text += "\n\nProvably dead channels the plan keeps (rebuild without a plan removes them):\n"
+            text += "\n".join(f"  {name}: {n} channels" for name, n in self.dead_beyond_plan.items())
+        if self.notes:
+            text += "\n\nNotes:\n" + "\n".join(f"  {note}" for note in self.notes)
         text += (f"\n\nparams {self.params_after:,} / {self.params_before:,} ({self.params_ratio:.1%}), "
                  f"MACs {self.macs_after:,} / {self.macs_before:,} ({self.macs_ratio:.1%})")
         return text
@@ -117,62 +122,97 @@ def _arrow(a, b):
 
 
 # ----------------------------------------------------------------------------- rebuild
-def rebuild(model, *, return_report: bool = False):
-    """Return a new, smaller model without the channels that are provably dead.
+def rebuild(model, plan=None, *, return_report: bool = False):
+    """Return a new, smaller model without the pruned or provably dead channels.
 
-    A channel is dead when every parameter that writes it is zero (and every
-    layer on its way maps 0 to 0), or when every kernel that reads it ignores
-    it. Dead channels are removed from every layer that shares them, following
-    BatchNorm, depthwise convs, residual adds, concatenations, Flatten->Dense,
-    squeeze-excite gates, nested models and shared layers. The new model
-    computes the same function as ``model`` up to float round-off. Channels
-    that cannot be removed exactly stay, and the report says why.
+    Without a plan, every provably dead channel goes: a channel is dead when
+    every parameter that writes it is zero (and every layer on its way maps 0
+    to 0), or when every kernel that reads it ignores it. With a
+    :class:`~keras_rebuild.Plan`, exactly the plan's channels go, whatever
+    their weights (a plan chosen on a trained model replays onto that model
+    or its saved file); the report then lists the provably dead channels the
+    plan keeps. Channels are removed from every layer that shares them,
+    following BatchNorm, depthwise convs, residual adds, concatenations,
+    Flatten->Dense, squeeze-excite gates, nested models and shared layers.
+    The new model computes the same function as the masked model up to float
+    round-off. Channels that cannot be removed exactly stay, and the report
+    says why.
 
     Args:
-        model: A tf_keras Functional or Sequential model: a model wrapped by
-            :func:`keras_rebuild.prune_channels`, one wrapped by
-            ``tfmot.sparsity.keras.prune_low_magnitude`` (wrappers are stripped
-            first), or any model with zeroed channels. It is not modified.
+        model: A Keras 3 (any backend) or tf_keras Functional or Sequential
+            model: a model wrapped by :func:`keras_rebuild.prune_channels`, one
+            wrapped by ``tfmot.sparsity.keras.prune_low_magnitude`` (wrappers
+            are stripped first), or any model with zeroed channels. It is not
+            modified.
+        plan: A :class:`~keras_rebuild.Plan` (or its JSON text) to apply.
         return_report: Also return a :class:`RebuildReport`.
 
     Returns:
-        The rebuilt ``keras.Model`` (layer names kept), or ``(model, report)``.
+        The rebuilt ``keras.Model`` of the same flavour (layer names kept), or
+        ``(model, report)``.
 
     Raises:
         NotAModelError: ``model`` is not a Keras model.
         UnsupportedModelError: ``model`` is a subclassed model.
         InvalidWeightsError: a layer holds NaN or Inf weights.
+        InvalidArgumentError: the plan does not fit the model (the message
+            names the first mismatching group).
 
     Example:
         >>> small, report = kr.rebuild(kr.strip_pruning(pruned), return_report=True)  # doctest: +SKIP
         >>> print(report)                                                             # doctest: +SKIP
+        >>> plan = kr.select_channels(model, sparsity=0.5)                            # doctest: +SKIP
+        >>> small = kr.rebuild(model, plan)                                           # doctest: +SKIP
     """
-    check_model(model)
-    source = strip_any_wrappers(model)
+    backend = check_model(model)
+    plan = _check_plan(plan)
+    source = backend.strip_wrappers(model)
     analysis = Analysis(source)
-    remove = analysis.removable()
+    dead_beyond = {}
+    if plan is None:
+        remove = analysis.removable()
+    else:
+        remove = plan.apply(analysis)
+        dead_beyond = _dead_beyond_plan(analysis, remove)
     new_model, report = rebuild_from_analysis(analysis, remove)
+    report.dead_beyond_plan = dead_beyond
     log.info("rebuild: params %d -> %d, MACs %d -> %d", report.params_before, report.params_after,
              report.macs_before, report.macs_after)
     return (new_model, report) if return_report else new_model
 
 
+def _check_plan(plan):
+    from keras_rebuild.plan import Plan
+
+    if plan is None or isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, str):
+        return Plan.from_json(plan)
+    raise InvalidArgumentTypeError(
+        "Expected `plan` to be a keras_rebuild Plan (from `kr.select_channels`) or its JSON text. "
+        f"Received: plan={type(plan).__name__} object"
+    )
+
+
+def _dead_beyond_plan(analysis: Analysis, remove: np.ndarray) -> Dict[str, int]:
+    """Per group: channels the plan keeps that are provably dead once the plan's channels are zeroed."""
+    from keras_rebuild.masks import masked_weights
+
+    masked = Analysis(analysis.model, check_weights=False, weights=masked_weights(analysis, remove))
+    if masked.num_components != analysis.num_components:  # pragma: no cover - same graph, same components
+        return {}
+    dead = masked.removable() & ~remove
+    out = {}
+    for grp in analysis.groups:
+        n = int(dead[grp.components].sum())
+        if n:
+            out[grp.name] = n
+    return out
+
+
 def strip_any_wrappers(model):
     """Strip keras_rebuild's or tfmot's pruning wrappers (on a copy); else return ``model``."""
-    check_model(model)  # NotAModelError/UnsupportedModelError, not AttributeError, for bad input
-    layers = all_layers(model)
-    names = {type(layer).__name__ for layer in layers}
-    if "StructuredPruningWrapper" in names:
-        from keras_rebuild.wrappers import strip_pruning
-
-        model = strip_pruning(model)
-        names = {type(layer).__name__ for layer in all_layers(model)}
-    if "PruneLowMagnitude" in names:
-        from keras_rebuild._compat import tfmot
-
-        model = tfmot().sparsity.keras.strip_pruning(model)
-    return model
-
+    return check_model(model).strip_wrappers(model)
 
 
 def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = True):
@@ -248,70 +288,12 @@ def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
     for path, sub in g.models.items():
         if not path:
             continue
-        for kt, in_layer in zip(sub.inputs, sub._input_layers):
+        for kt, name in g.backend.nested_inputs(sub):
             t = g.tensor_id(kt)
             shape = g.tensors[t].shape
-            input_shapes[path + "/" + in_layer.name] = tuple(shape[:-1]) + (len(kept[t]),)
-    new_model = _build(g.model, new_configs, input_shapes)
-    _set_weights(new_model, new_weights, prefix="")
-    return new_model, _report(analysis, remove, new_weights, layer_reports, macs_before, macs_after)
-
-
-def _build(model, new_configs, input_shapes):
-    config = copy.deepcopy(model.get_config())
-    _edit_config(config, "", new_configs, input_shapes, top=True)
-    custom = {}
-    for layer in all_layers(model) + [model]:
-        cls = type(layer)
-        custom[cls.__name__] = cls
-        try:
-            custom[keras.saving.get_registered_name(cls)] = cls
-        except Exception:  # pragma: no cover - defensive
-            pass
-    # The config is the caller's own in-memory model: a Python `lambda` in a Lambda layer is
-    # their code, so Keras' safe mode (meant for loading untrusted files) must not refuse it.
-    with keras.utils.custom_object_scope(custom), _unsafe_deserialization():
-        if isinstance(model, keras.Sequential):
-            return keras.Sequential.from_config(config)
-        return keras.Model.from_config(config)
-
-
-def _unsafe_deserialization():
-    scope = getattr(getattr(getattr(keras, "src", None), "saving", None), "serialization_lib", None)
-    scope = getattr(scope, "SafeModeScope", None)
-    return scope(False) if scope is not None else contextlib.nullcontext()
-
-
-def _edit_config(config, prefix, new_configs, input_shapes, top=False):
-    layers = config.get("layers", [])
-    for i, entry in enumerate(layers):
-        cfg = entry.get("config", {})
-        name = cfg.get("name")
-        path = prefix + str(name)
-        entry.pop("build_config", None)
-        if "layers" in cfg:  # nested model
-            _edit_config(cfg, path + "/", new_configs, input_shapes)
-            continue
-        if path in new_configs:
-            entry["config"] = dict(new_configs[path])
-            cfg = entry["config"]
-        if not top and path in input_shapes:
-            cfg["batch_input_shape"] = (None,) + tuple(input_shapes[path][1:])
-        elif not top and i == 0 and "batch_input_shape" in cfg and config.get("layers") is not None:
-            # first layer of a nested Sequential without an InputLayer
-            key = prefix + "__first__"
-            if key in input_shapes:
-                cfg["batch_input_shape"] = (None,) + tuple(input_shapes[key][1:])
-    if not top and "build_input_shape" in config:
-        config.pop("build_input_shape", None)
-
-
-def _set_weights(model, new_weights, prefix):
-    for layer in model.layers:
-        path = prefix + layer.name
-        if is_graph_model(layer):
-            _set_weights(layer, new_weights, path + "/")
-            continue
-        w = new_weights.get(path)
-        if w:
-            layer.set_weights(w)
+            input_shapes[path + "/" + name] = tuple(shape[:-1]) + (len(kept[t]),)
+    new_model, notes = g.backend.build(g.model, new_configs, input_shapes)
+    g.backend.set_weights(new_model, new_weights)
+    report = _report(analysis, remove, new_weights, layer_reports, macs_before, macs_after)
+    report.notes = list(notes)
+    return new_model, report

@@ -13,7 +13,7 @@ from keras_rebuild.importance import (
     criterion_names,
     get_criterion,
 )
-from keras_rebuild.plan import select_channels
+from keras_rebuild.plan import select_remove
 
 L = keras.layers
 DEAD = 5  # the channel of conv1 whose output is forced to zero
@@ -259,6 +259,6 @@ def test_a_user_criterion_subclass_drives_selection():
 
     analysis = Analysis(small_cnn())
     scores = get_criterion(PreferLast())(analysis)
-    remove = select_channels(analysis, scores, sparsity=0.5)
+    remove = select_remove(analysis, scores, sparsity=0.5)
     g = next(g for g in analysis.groups if g.name == "conv1")
     np.testing.assert_array_equal(np.flatnonzero(remove[g.components]), np.argsort(scores["conv1"])[:4])

@@ -10,7 +10,7 @@ from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError
 from keras_rebuild.groups import Analysis
 from keras_rebuild.importance import get_criterion
 from keras_rebuild.masks import zero_channels
-from keras_rebuild.plan import Plan, make_plan, select_channels
+from keras_rebuild.plan import Plan, make_plan, select_remove
 from keras_rebuild.rebuild import rebuild
 
 L = keras.layers
@@ -79,14 +79,14 @@ def const_scores(analysis, fn):
 
 # ----------------------------------------------------------------------------- sparsity
 def test_zero_sparsity_prunes_nothing(analysis):
-    remove = select_channels(analysis, l1(analysis), sparsity=0.0)
+    remove = select_remove(analysis, l1(analysis), sparsity=0.0)
     assert remove.shape == (analysis.num_components,)
     assert not remove.any()
 
 
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
 def test_local_sparsity_prunes_floor_of_sparsity_times_size_in_every_group(analysis, sparsity):
-    remove = select_channels(analysis, l1(analysis), sparsity=sparsity)
+    remove = select_remove(analysis, l1(analysis), sparsity=sparsity)
     counts = pruned_per_group(analysis, remove)
     for g in analysis.groups:
         expected = math.floor(sparsity * g.size) if g.prunable else 0
@@ -95,7 +95,7 @@ def test_local_sparsity_prunes_floor_of_sparsity_times_size_in_every_group(analy
 
 def test_local_sparsity_prunes_the_lowest_scored_channels(analysis):
     scores = const_scores(analysis, lambda g: np.random.default_rng(len(g.name)).permutation(g.size))
-    remove = select_channels(analysis, scores, sparsity=0.5)
+    remove = select_remove(analysis, scores, sparsity=0.5)
     for g in prunable(analysis):
         gone = remove[g.components]
         assert scores[g.name][gone].max() < scores[g.name][~gone].min()
@@ -111,7 +111,7 @@ def test_blocked_channels_and_model_outputs_are_never_pruned():
     scores = l1(analysis)
     scores["b1_conv1"][[1, 4, 6]] = -1.0
     for kwargs in (dict(sparsity=0.9), dict(sparsity=0.9, scope="global"), dict(threshold=0.0)):
-        remove = select_channels(analysis, scores, **kwargs)
+        remove = select_remove(analysis, scores, **kwargs)
         blocked_components = np.unique(analysis.labels[analysis.blocked])
         assert not remove[blocked_components].any()
         assert not remove[grp.components[[1, 4, 6]]].any()
@@ -120,7 +120,7 @@ def test_blocked_channels_and_model_outputs_are_never_pruned():
 
 @pytest.mark.parametrize("round_to", [4, 8])
 def test_round_to_makes_kept_counts_multiples(analysis, round_to):
-    remove = select_channels(analysis, l1(analysis), sparsity=0.6, round_to=round_to)
+    remove = select_remove(analysis, l1(analysis), sparsity=0.6, round_to=round_to)
     for g in prunable(analysis):
         kept = g.size - int(remove[g.components].sum())
         assert kept % round_to == 0 or kept == g.size, (g.name, kept)
@@ -130,7 +130,7 @@ def test_round_to_makes_kept_counts_multiples(analysis, round_to):
 
 
 def test_min_channels_is_respected(analysis):
-    remove = select_channels(analysis, l1(analysis), sparsity=0.95, min_channels=3)
+    remove = select_remove(analysis, l1(analysis), sparsity=0.95, min_channels=3)
     for g in prunable(analysis):
         kept = g.size - int(remove[g.components].sum())
         assert kept == max(3, g.size - math.floor(0.95 * g.size))
@@ -140,8 +140,8 @@ def test_global_scope_prunes_more_from_a_group_with_many_small_channels(analysis
     # fc: most channels tiny; b1_conv1: all alike.
     scores = const_scores(analysis, lambda g: np.ones(g.size))
     scores["fc"] = np.array([1e-3] * 9 + [10.0] * 3)
-    local = select_channels(analysis, scores, sparsity=0.25)
-    glob = select_channels(analysis, scores, sparsity=0.25, scope="global")
+    local = select_remove(analysis, scores, sparsity=0.25)
+    glob = select_remove(analysis, scores, sparsity=0.25, scope="global")
     assert pruned_per_group(analysis, local)["fc"] == 3
     counts = pruned_per_group(analysis, glob)
     assert counts["fc"] == 9
@@ -152,10 +152,10 @@ def test_global_scope_prunes_more_from_a_group_with_many_small_channels(analysis
 def test_global_scope_without_normalisation_prunes_a_globally_small_group_first(analysis):
     scores = const_scores(analysis, lambda g: 1.0 + np.arange(g.size) / g.size)
     scores["b1_conv1"] = scores["b1_conv1"] * 1e-3  # every channel of this group is small
-    remove = select_channels(analysis, scores, sparsity=0.3, scope="global", normalize="none")
+    remove = select_remove(analysis, scores, sparsity=0.3, scope="global", normalize="none")
     counts = pruned_per_group(analysis, remove)
     assert counts["b1_conv1"] == 15  # all it may lose (min_channels=1)
-    remove_mean = select_channels(analysis, scores, sparsity=0.3, scope="global")
+    remove_mean = select_remove(analysis, scores, sparsity=0.3, scope="global")
     assert pruned_per_group(analysis, remove_mean)["b1_conv1"] < 15
 
 
@@ -169,19 +169,19 @@ def test_threshold_prunes_exactly_the_planted_outliers(analysis):
         s[idx] = 0.2
         planted[g.name] = set(idx.tolist())
         scores[g.name] = s
-    remove = select_channels(analysis, scores, threshold=1.5)
+    remove = select_remove(analysis, scores, threshold=1.5)
     for g in prunable(analysis):
         assert set(np.flatnonzero(remove[g.components]).tolist()) == planted[g.name], g.name
 
 
 def test_threshold_with_equal_scores_prunes_nothing(analysis):
     scores = const_scores(analysis, lambda g: np.ones(g.size))
-    assert not select_channels(analysis, scores, threshold=0.5).any()
+    assert not select_remove(analysis, scores, threshold=0.5).any()
 
 
 # ----------------------------------------------------------------------------- ignore
 def test_ignore_leaves_the_named_layers_group_whole(analysis):
-    remove = select_channels(analysis, l1(analysis), sparsity=0.5, ignore=["stem_bn"])
+    remove = select_remove(analysis, l1(analysis), sparsity=0.5, ignore=["stem_bn"])
     counts = pruned_per_group(analysis, remove)
     assert counts["stem"] == 0
     assert counts["b1_conv1"] == 8
@@ -189,39 +189,39 @@ def test_ignore_leaves_the_named_layers_group_whole(analysis):
 
 def test_ignore_an_unknown_name_raises_listing_close_matches(analysis):
     with pytest.raises(InvalidArgumentError, match=r"stem_bn.*Received: ignore=\['stem_bm'\]"):
-        select_channels(analysis, l1(analysis), sparsity=0.5, ignore=["stem_bm"])
+        select_remove(analysis, l1(analysis), sparsity=0.5, ignore=["stem_bm"])
 
 
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, "0.5", True])
 def test_bad_sparsity_raises(analysis, sparsity):
     with pytest.raises(InvalidArgumentError, match=r"Expected `sparsity` to be a float in \[0, 1\). Received: sparsity="):
-        select_channels(analysis, l1(analysis), sparsity=sparsity)
+        select_remove(analysis, l1(analysis), sparsity=sparsity)
 
 
 def test_bad_scope_raises(analysis):
     with pytest.raises(InvalidArgumentError, match="Received: scope='globl'"):
-        select_channels(analysis, l1(analysis), sparsity=0.5, scope="globl")
+        select_remove(analysis, l1(analysis), sparsity=0.5, scope="globl")
 
 
 def test_sparsity_and_threshold_together_raise(analysis):
     with pytest.raises(InvalidArgumentError, match="exactly one of `sparsity` and `threshold`"):
-        select_channels(analysis, l1(analysis), sparsity=0.5, threshold=1.0)
+        select_remove(analysis, l1(analysis), sparsity=0.5, threshold=1.0)
     with pytest.raises(InvalidArgumentError, match="exactly one"):
-        select_channels(analysis, l1(analysis))
+        select_remove(analysis, l1(analysis))
 
 
 def test_scores_of_wrong_length_or_missing_group_raise(analysis):
     scores = l1(analysis)
     scores["stem"] = scores["stem"][:3]
     with pytest.raises(InvalidArgumentError, match=r"scores\['stem'\].*\(16\). Received: 3"):
-        select_channels(analysis, scores, sparsity=0.5)
+        select_remove(analysis, scores, sparsity=0.5)
     scores = l1(analysis)
     del scores["fc"]
     with pytest.raises(InvalidArgumentError, match="missing \\['fc'\\]"):
-        select_channels(analysis, scores, sparsity=0.5)
+        select_remove(analysis, scores, sparsity=0.5)
     with pytest.raises(InvalidArgumentTypeError):
-        select_channels(analysis, [1, 2], sparsity=0.5)
+        select_remove(analysis, [1, 2], sparsity=0.5)
 
 
 # ----------------------------------------------------------------------------- Plan
@@ -229,7 +229,7 @@ def test_plan_json_round_trip_is_identical(analysis):
     plan = make_plan(analysis, l1(analysis), sparsity=0.5, round_to=2, ignore=("fc",))
     again = Plan.from_json(plan.to_json())
     assert again == plan
-    np.testing.assert_array_equal(again.apply(analysis), select_channels(
+    np.testing.assert_array_equal(again.apply(analysis), select_remove(
         analysis, l1(analysis), sparsity=0.5, round_to=2, ignore=("fc",)))
     assert plan.kept["fc"] == list(range(12))
     assert "stem" in plan.summary() and "50.0%" in plan.summary()
@@ -266,7 +266,7 @@ def expected_widths(analysis, remove):
     dict(threshold=0.5, min_channels=2),
 ])
 def test_zeroed_then_rebuilt_model_equals_the_zeroed_model(model, analysis, kwargs):
-    remove = select_channels(analysis, l1(analysis), **kwargs)
+    remove = select_remove(analysis, l1(analysis), **kwargs)
     assert remove.any()
     zeroed = zero_channels(model, remove, analysis)
     small = rebuild(zeroed)
@@ -283,7 +283,7 @@ def test_mobilenetv2_prunes_and_rebuilds_exactly():
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3))
     analysis = Analysis(model)
     scores = get_criterion("l2")(analysis)
-    remove = select_channels(analysis, scores, sparsity=0.5, round_to=8)
+    remove = select_remove(analysis, scores, sparsity=0.5, round_to=8)
     assert remove.any()
     zeroed = zero_channels(model, remove, analysis)
     small = rebuild(zeroed)

@@ -15,9 +15,10 @@ from keras_rebuild.handlers.common import (  # noqa: F401
     PassThroughHandler,
     TiedHandler,
 )
-from keras_rebuild.handlers import layers as _builtin  # noqa: F401  (registers built-ins)
+from keras_rebuild.handlers import layers as _builtin_layers  # noqa: F401  (declares built-ins)
+from keras_rebuild.handlers.layers import OpHandler  # noqa: F401
 
 __all__ = [
-    "LayerHandler", "MixingHandler", "TiedHandler", "PassThroughHandler", "MergeHandler",
+    "LayerHandler", "MixingHandler", "TiedHandler", "PassThroughHandler", "MergeHandler", "OpHandler",
     "register_handler", "get_handler", "registered_classes", "mask_array",
 ]

@@ -1,37 +1,25 @@
 """Handler building blocks: tied (channel-preserving), mixing (kernel) and merge layers."""
 from __future__ import annotations
 
-import functools
 from typing import List
 
 import numpy as np
 
-from keras_rebuild._compat import keras, tf
 from keras_rebuild.handlers.base import LayerHandler
 
-# Activations Keras applies element by element (softmax and log_softmax are not).
+# Activations Keras applies element by element (softmax and log_softmax are not), and their value at 0.
 ELEMENTWISE_ACTIVATIONS = {
-    "linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "tanh", "swish", "silu", "gelu", "elu",
-    "selu", "softplus", "softsign", "exponential", "mish", "leaky_relu", "hard_silu", "hard_swish",
+    "linear": True, "relu": True, "relu6": True, "sigmoid": False, "hard_sigmoid": False, "tanh": True,
+    "swish": True, "silu": True, "gelu": True, "elu": True, "selu": True, "softplus": False, "softsign": True,
+    "exponential": False, "mish": True, "leaky_relu": True, "hard_silu": True, "hard_swish": True,
 }
 
 
 def activation_name(fn) -> str:
+    """The name of an activation function (``"linear"`` for ``None``), the same in both flavours."""
     if fn is None:
         return "linear"
-    try:
-        name = keras.activations.serialize(fn)
-    except (ValueError, TypeError):
-        return getattr(fn, "__name__", repr(fn))
-    if isinstance(name, dict):
-        return name.get("config", name.get("class_name", "custom"))
-    return str(name)
-
-
-@functools.lru_cache(maxsize=None)
-def _activation_of_zero_is_zero(name: str) -> bool:
-    fn = keras.activations.get(name)
-    return bool(np.all(np.asarray(fn(tf.zeros((1, 1)))) == 0))
+    return str(getattr(fn, "__name__", type(fn).__name__))
 
 
 def activation_check(layer):
@@ -39,26 +27,14 @@ def activation_check(layer):
     name = activation_name(getattr(layer, "activation", None))
     if name not in ELEMENTWISE_ACTIVATIONS:
         return False, False
-    return True, _activation_of_zero_is_zero(name)
+    return True, ELEMENTWISE_ACTIVATIONS[name]
 
 
 def probe_zero(op) -> bool:
-    """Call a parameterless layer on all-zero inputs; True if the output is all zero."""
-    node = op.node
-    values = {}
-    for kt in node.keras_inputs:
-        shape = [1] + [d if d is not None else 4 for d in kt.shape.as_list()[1:]]
-        values.setdefault(str(id(kt)), []).append(tf.zeros(shape, kt.dtype))
-    tensor_dict = {k: v * 4 for k, v in values.items()}
-    args, kwargs = node.map_arguments(tensor_dict)
-    kwargs = dict(kwargs)
-    if getattr(getattr(op.layer, "_call_spec", None), "expects_training_arg", False):
-        kwargs.setdefault("training", False)
-    try:
-        out = op.layer(*args, **kwargs)
-    except Exception:  # a probe that cannot run proves nothing
-        return False
-    return all(bool(np.all(np.asarray(o) == 0)) for o in tf.nest.flatten(out))
+    """Call a parameterless layer on all-zero inputs (through its back-end); True if the output is all zero."""
+    from keras_rebuild.backends import backend_for
+
+    return backend_for(op.layer, "layer").probe_zero(op)
 
 
 class TiedHandler(LayerHandler):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_rebuild._compat import keras, tf
-from keras_rebuild.handlers.base import LayerHandler, register_handler
+from keras_rebuild.handlers.base import LayerHandler
+from keras_rebuild.handlers.builtin import builtin_handler
 from keras_rebuild.handlers.common import (
     MergeHandler,
     MixingHandler,
@@ -16,7 +16,6 @@ from keras_rebuild.handlers.common import (
     spatial_size,
 )
 
-L = keras.layers
 
 
 def _channels_last(layer) -> bool:
@@ -35,7 +34,7 @@ class _ChannelsFirstAware:
 
 
 # --------------------------------------------------------------------------- Dense
-@register_handler(L.Dense)
+@builtin_handler("Dense")
 class DenseHandler(MixingHandler):
     units_key = "units"
     kernel_in_axis = 0
@@ -46,7 +45,7 @@ class DenseHandler(MixingHandler):
 
 
 # --------------------------------------------------------------------------- Conv
-@register_handler(L.Conv1D, L.Conv2D, L.Conv3D)
+@builtin_handler("Conv1D", "Conv2D", "Conv3D")
 class ConvHandler(_ChannelsFirstAware, MixingHandler):
     """Conv1D/2D/3D. Grouped convs (``groups > 1``) lose whole groups only.
 
@@ -114,7 +113,7 @@ class ConvHandler(_ChannelsFirstAware, MixingHandler):
         return spatial_size(graph.tensors[op.outputs[0]].shape) * k * per_group_in * n_out
 
 
-@register_handler(L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+@builtin_handler("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
 class ConvTransposeHandler(_ChannelsFirstAware, MixingHandler):
     kernel_in_axis = -1
     kernel_out_axis = -2
@@ -124,7 +123,7 @@ class ConvTransposeHandler(_ChannelsFirstAware, MixingHandler):
         return spatial_size(graph.tensors[op.inputs[0]].shape) * k * n_in * n_out
 
 
-@register_handler(L.SeparableConv1D, L.SeparableConv2D)
+@builtin_handler("SeparableConv1D", "SeparableConv2D")
 class SeparableConvHandler(_ChannelsFirstAware, MixingHandler):
     """Depthwise then pointwise: mixing from input to output channels."""
 
@@ -154,7 +153,7 @@ class SeparableConvHandler(_ChannelsFirstAware, MixingHandler):
         return s * int(np.prod(layer.kernel_size)) * n_in * m + s * n_in * m * n_out
 
 
-@register_handler(L.DepthwiseConv1D, L.DepthwiseConv2D)
+@builtin_handler("DepthwiseConv1D", "DepthwiseConv2D")
 class DepthwiseConvHandler(_ChannelsFirstAware, TiedHandler):
     def depth_multiplier(self, layer):
         return layer.depth_multiplier
@@ -188,7 +187,7 @@ def _last_axis_only(layer, rank) -> bool:
     return [a % rank for a in axes] == [rank - 1]
 
 
-@register_handler(L.BatchNormalization)
+@builtin_handler("BatchNormalization")
 class BatchNormHandler(TiedHandler):
     def connect(self, ctx, op):
         rank = len(ctx.shape(op.inputs[0]))
@@ -226,7 +225,7 @@ class BatchNormHandler(TiedHandler):
         return [i < n for i in range(len(layer.weights))]
 
 
-@register_handler(L.LayerNormalization, L.UnitNormalization)
+@builtin_handler("LayerNormalization", "UnitNormalization")
 class LayerNormHandler(LayerHandler):
     """Normalises over channels: removing one changes the others, so all stay."""
 
@@ -240,39 +239,36 @@ class LayerNormHandler(LayerHandler):
         ctx.block_all(op, f"{type(op.layer).__name__} '{op.layer.name}' normalises over the channel axis")
 
 
-@register_handler(L.PReLU)
+@builtin_handler("PReLU")
 class PReLUHandler(TiedHandler):
     def weight_roles(self, layer):
-        alpha = layer.weights[0]
-        c = layer.input_shape[-1] if hasattr(layer, "input_shape") else None
-        return [{-1: "in"}] if alpha.shape[-1] == c and c != 1 else [{}]
+        # alpha's last axis is the channel axis, or 1 when shared over channels.
+        return [{-1: "in"}] if layer.weights[0].shape[-1] != 1 else [{}]
 
 
 # --------------------------------------------------------------------------- pass-through
 PASS_THROUGH = [
-    L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise,
-    L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
-    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D,
-    L.AveragePooling3D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
-    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
-    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D,
-    L.UpSampling1D, L.UpSampling2D, L.UpSampling3D, L.RepeatVector,
+    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
+    "GaussianDropout", "AlphaDropout", "ActivityRegularization",
+    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
+    "AveragePooling3D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
+    "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+    "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D",
+    "UpSampling1D", "UpSampling2D", "UpSampling3D", "RepeatVector", "Identity", "StochasticDepth",
 ]
-if hasattr(L, "Identity"):
-    PASS_THROUGH.append(L.Identity)
 
 
-@register_handler(*PASS_THROUGH)
+@builtin_handler(*PASS_THROUGH)
 class _PassThrough(_ChannelsFirstAware, PassThroughHandler):
     pass
 
 
-@register_handler(L.ReLU, L.LeakyReLU, L.ELU, L.ThresholdedReLU)
+@builtin_handler("ReLU", "LeakyReLU", "ELU", "ThresholdedReLU")
 class _ProbedActivation(ProbedPassThroughHandler):
     pass
 
 
-@register_handler(L.Activation)
+@builtin_handler("Activation")
 class ActivationHandler(ProbedPassThroughHandler):
     def connect(self, ctx, op):
         elementwise, _ = activation_check(op.layer)
@@ -282,7 +278,7 @@ class ActivationHandler(ProbedPassThroughHandler):
         super().connect(ctx, op)
 
 
-@register_handler(L.Softmax)
+@builtin_handler("Softmax")
 class SoftmaxHandler(ProbedPassThroughHandler):
     def connect(self, ctx, op):
         rank = len(ctx.shape(op.inputs[0]))
@@ -293,7 +289,7 @@ class SoftmaxHandler(ProbedPassThroughHandler):
         super().connect(ctx, op)
 
 
-@register_handler(L.Rescaling)
+@builtin_handler("Rescaling")
 class RescalingHandler(TiedHandler):
     def connect(self, ctx, op):
         if np.ndim(op.layer.scale) or np.ndim(op.layer.offset):
@@ -306,17 +302,17 @@ class RescalingHandler(TiedHandler):
 
 
 # --------------------------------------------------------------------------- merges
-@register_handler(L.Add, L.Subtract, L.Average, L.Maximum, L.Minimum)
+@builtin_handler("Add", "Subtract", "Average", "Maximum", "Minimum")
 class _SumLike(MergeHandler):
     pass
 
 
-@register_handler(L.Multiply)
+@builtin_handler("Multiply")
 class _Product(MergeHandler):
     product = True
 
 
-@register_handler(L.Concatenate)
+@builtin_handler("Concatenate")
 class ConcatenateHandler(LayerHandler):
     kind = "tied"
 
@@ -348,7 +344,7 @@ def _flatten_map(in_shape, out_channels):
     return np.arange(out_channels) % c
 
 
-@register_handler(L.Flatten)
+@builtin_handler("Flatten")
 class FlattenHandler(LayerHandler):
     """Flatten: output index ``s * C + c`` carries input channel ``c``."""
 
@@ -369,7 +365,7 @@ class FlattenHandler(LayerHandler):
         return [in_zero[0][np.arange(out_channels[0]) % len(in_zero[0])]]
 
 
-@register_handler(L.Reshape)
+@builtin_handler("Reshape")
 class ReshapeHandler(LayerHandler):
     """Reshape that keeps the channel axis last (as in squeeze-excite), or flattens."""
 
@@ -409,91 +405,222 @@ class ReshapeHandler(LayerHandler):
         return config
 
 
-# --------------------------------------------------------------------------- TF ops
+# --------------------------------------------------------------------------- plain ops
 _UNARY = {
-    "nn.relu", "nn.relu6", "math.sigmoid", "nn.sigmoid", "math.tanh", "nn.tanh", "nn.silu", "nn.swish",
-    "nn.gelu", "math.abs", "nn.elu", "nn.selu", "nn.softplus", "math.negative", "math.square",
-    "math.sqrt", "math.exp", "identity", "nn.leaky_relu", "math.softplus", "cast", "clip_by_value",
+    "relu", "relu6", "sigmoid", "tanh", "silu", "gelu", "abs", "elu", "selu", "softplus", "negative", "square",
+    "sqrt", "exp", "identity", "leaky_relu", "cast", "clip", "hard_sigmoid", "hard_silu", "mish", "softsign",
 }
-_SUM = {"__operators__.add", "math.add", "math.subtract", "__operators__.sub", "math.maximum",
-        "math.minimum", "math.truediv", "__operators__.truediv", "math.divide"}
-_PRODUCT = {"math.multiply", "__operators__.mul", "math.multiply_no_nan"}
+_SUM = {"add", "subtract", "maximum", "minimum", "divide"}
+_PRODUCT = {"multiply"}
+_REDUCE = {"mean", "max", "sum", "min"}
 
 
-class TFOpLambdaHandler(LayerHandler):
-    """Element-wise TensorFlow ops called on Keras tensors (``x + 3``, ``tf.nn.relu6(x)``)."""
+def _leaves(x):
+    if isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _leaves(item)
+    elif isinstance(x, dict):
+        for item in x.values():
+            yield from _leaves(item)
+    else:
+        yield x
+
+
+def _constants_scalar(op) -> bool:
+    for arg in _leaves((op.constants, op.options)):
+        if arg is None or isinstance(arg, (str, bool)):
+            continue
+        if np.ndim(arg) != 0:
+            return False
+    return True
+
+
+def _op_axis(op, default=None):
+    """The ``axis`` argument of an op: an attribute (Keras 3 ops), a keyword or the first constant."""
+    axis = getattr(op.layer, "axis", None)
+    if axis is None:
+        axis = op.options.get("axis")
+    if axis is None and op.constants and not isinstance(op.constants[0], (bool, str)):
+        axis = op.constants[0]
+    return default if axis is None else axis
+
+
+def _key_keeps_channels(key, rank: int) -> bool:
+    """Whether an indexing key leaves the last (channel) axis whole."""
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is None for k in key):
+        return False
+    if any(k is Ellipsis for k in key):
+        after = key[key.index(Ellipsis) + 1:]
+        if not after:
+            return True
+        last = after[-1]
+    elif len(key) < rank:
+        return True
+    elif len(key) == rank:
+        last = key[-1]
+    else:
+        return False
+    return isinstance(last, slice) and last == slice(None)
+
+
+@builtin_handler("op")
+class OpHandler(LayerHandler):
+    """Plain operations on Keras tensors, in both flavours.
+
+    Keras 3's ``x + 3``, ``keras.ops.relu(x)``, ``keras.ops.mean(x, axis=(1, 2))``,
+    ``x[..., :8]`` and tf_keras' ``TFOpLambda`` (``tf.nn.relu6(x)``,
+    ``tf.reduce_mean(x, [1, 2])``) reach this handler with the same canonical
+    name in ``op.fn``. Element-wise ops tie channels; sums and products follow
+    the merge rules; reductions and indexing that leave the channel axis whole
+    tie it; concatenation follows ``Concatenate``. Everything else is blocked.
+    """
 
     kind = "tied"
 
-    def _fn(self, layer):
-        return layer.get_config().get("function", "")
-
     def connect(self, ctx, op):
-        fn = self._fn(op.layer)
-        if fn in _UNARY and len(op.inputs) == 1:
-            TiedHandler.connect(self, ctx, op)
+        fn = op.fn
+        rank = len(ctx.shape(op.inputs[0])) if op.inputs else 0
+        same = len(op.inputs) == 1 and len(op.outputs) == 1 and ctx.channels(op.inputs[0]) == ctx.channels(op.outputs[0])
+        if fn in _UNARY and same:
+            ctx.tie(op.inputs[0], op.outputs[0])
             return
         if fn in _SUM | _PRODUCT:
-            if not self._constants_scalar(op):
+            if not _constants_scalar(op):
                 ctx.block_all(op, f"'{op.layer.name}' ({fn}) uses a non-scalar constant")
                 return
             MergeHandler.connect(self, ctx, op)
             return
-        ctx.block_all(op, f"TF op '{op.layer.name}' ({fn}) is not known to keep channels apart")
-
-    def _constants_scalar(self, op):
-        for arg in tf.nest.flatten((op.node.call_args, op.node.call_kwargs)):
-            if hasattr(arg, "_keras_history") or arg is None or isinstance(arg, (str, bool)):
-                continue
-            if np.ndim(arg) != 0:
-                return False
-        return True
+        if fn in _REDUCE and same:
+            axes = _op_axis(op)
+            axes = None if axes is None else [int(a) for a in np.ravel(axes)]
+            if axes is not None and (rank - 1) not in [a % rank for a in axes]:
+                ctx.tie(op.inputs[0], op.outputs[0])
+                return
+            ctx.block_all(op, f"'{op.layer.name}' ({fn}) reduces over the channel axis")
+            return
+        if fn == "get_item" and same and op.constants and _key_keeps_channels(op.constants[0], rank):
+            ctx.tie(op.inputs[0], op.outputs[0])
+            return
+        if fn == "concatenate" and len(op.outputs) == 1:
+            out_rank = len(ctx.shape(op.outputs[0]))
+            if int(_op_axis(op, 0)) % out_rank == out_rank - 1:
+                offset = 0
+                for t in op.inputs:
+                    ctx.tie_slice(op.outputs[0], offset, t)
+                    offset += ctx.channels(t)
+            else:
+                for t in op.inputs:
+                    ctx.tie(t, op.outputs[0])
+            return
+        ctx.block_all(op, f"op '{op.layer.name}' ({fn}) is not known to keep channels apart")
 
     def forward_zero(self, layer, weights, op, in_zero, out_channels):
-        fn = self._fn(layer)
+        fn = op.fn
+        c = out_channels[0]
+        if fn == "concatenate":
+            if sum(len(z) for z in in_zero) == c:
+                return [np.concatenate(in_zero)]
+            return [np.logical_and.reduce(in_zero)]
+        if fn in _REDUCE or fn == "get_item":
+            return [in_zero[0]]
         cache = op.__dict__.setdefault("_probe", {})
         if "zero" not in cache:
             cache["zero"] = probe_zero(op)
-        c = out_channels[0]
         zs = [z if len(z) == c else np.full(c, bool(z.all())) for z in in_zero]
         if fn in _PRODUCT and len(zs) > 1:
             return [np.logical_or.reduce(zs)]
         return [np.logical_and.reduce(zs) & cache["zero"]]
 
 
-try:  # TFOpLambda lives in a private module
-    from tf_keras.src.layers.core.tf_op_layer import TFOpLambda
-
-    register_handler(TFOpLambda)(TFOpLambdaHandler)
-except ImportError:  # pragma: no cover
-    pass
-
-
 # --------------------------------------------------------------------------- keras.applications extras
-try:
-    from tf_keras.src.applications.convnext import LayerScale
+@builtin_handler("LayerScale")
+class LayerScaleHandler(TiedHandler):
+    """ConvNeXt's per-channel scale ``gamma * x``."""
 
-    @register_handler(LayerScale)
-    class LayerScaleHandler(TiedHandler):
-        """ConvNeXt's per-channel scale ``gamma * x``."""
+    def zero_map(self, layer, weights, op, channels):
+        return True, weights[0] == 0
 
-        def zero_map(self, layer, weights, op, channels):
-            return True, weights[0] == 0
+    def weight_roles(self, layer):
+        return [{0: "in"}]
 
-        def weight_roles(self, layer):
-            return [{0: "in"}]
-
-        def update_config(self, layer, config, n_in, n_out):
-            return dict(config, projection_dim=int(n_out))
-
-    from tf_keras.src.applications.convnext import StochasticDepth
-
-    register_handler(StochasticDepth)(PassThroughHandler)
-except ImportError:  # pragma: no cover
-    pass
+    def update_config(self, layer, config, n_in, n_out):
+        return dict(config, projection_dim=int(n_out))
 
 
-@register_handler(L.Normalization)
+# --------------------------------------------------------------------------- EinsumDense
+def _einsum_dense_axes(layer):
+    """``(kernel_in_axis, kernel_out_axis)`` when EinsumDense acts as a Dense on the last axis, else None.
+
+    That is the case when the input's last index is contracted with the
+    kernel's first, the kernel has exactly two indices, and the output's last
+    index is the kernel's second (``"abc,cd->abd"``); the bias, if any, is
+    over that output index only.
+    """
+    try:
+        lhs, out = layer.equation.replace(" ", "").split("->")
+        x, k = lhs.split(",")
+    except (AttributeError, ValueError):
+        return None
+    if len(k) != 2 or "." in x + k + out:
+        return None
+    c_in, c_out = k
+    if not (x.endswith(c_in) and c_in not in out and out.endswith(c_out) and c_out not in x):
+        return None
+    bias_axes = getattr(layer, "bias_axes", None)
+    if bias_axes not in (None, "", c_out):
+        return None
+    return 0, 1
+
+
+@builtin_handler("EinsumDense")
+class EinsumDenseHandler(MixingHandler):
+    """Keras' ``EinsumDense`` where its equation is a Dense over the channel axis; blocked otherwise."""
+
+    kernel_in_axis = 0
+    kernel_out_axis = 1
+
+    def connect(self, ctx, op):
+        if _einsum_dense_axes(op.layer) is None:
+            ctx.block_all(op, f"EinsumDense '{op.layer.name}' ({op.layer.equation}) does not keep a channel axis")
+            for t in op.outputs:
+                ctx.writes(op, t)
+            return
+        super().connect(ctx, op)
+
+    def bias(self, layer, weights):
+        return weights[1] if getattr(layer, "bias_axes", None) and len(weights) > 1 else None
+
+    def ignored_inputs(self, layer, weights, op):
+        if _einsum_dense_axes(layer) is None:
+            return [None for _ in op.inputs]
+        return super().ignored_inputs(layer, weights, op)
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        if _einsum_dense_axes(layer) is None:
+            return [np.zeros(c, bool) for c in out_channels]
+        return super().forward_zero(layer, weights, op, in_zero, out_channels)
+
+    def weight_roles(self, layer):
+        if _einsum_dense_axes(layer) is None:
+            return [{} for _ in layer.weights]
+        roles = [{0: "in", 1: "out"}]
+        if getattr(layer, "bias_axes", None):
+            roles.append({0: "out"})
+        return roles
+
+    def update_config(self, layer, config, n_in, n_out):
+        config = dict(config)
+        shape = list(config["output_shape"]) if isinstance(config["output_shape"], (list, tuple)) else [config["output_shape"]]
+        shape[-1] = int(n_out)
+        config["output_shape"] = shape if len(shape) > 1 else shape[0]
+        return config
+
+    def macs(self, layer, op, graph, n_in, n_out):
+        return spatial_size(graph.tensors[op.outputs[0]].shape) * n_in * n_out
+
+
+@builtin_handler("Normalization")
 class NormalizationHandler(TiedHandler):
     """Preprocessing normalisation: per-channel mean/variance on the last axis."""
 

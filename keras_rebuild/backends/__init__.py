@@ -1,0 +1,88 @@
+"""Back-ends: the only modules that touch Keras objects.
+
+keras_rebuild's core (the graph of :mod:`keras_rebuild.graph`, channel groups,
+zero propagation, handlers, plans, reports) works on a neutral description of
+a model. A back-end turns a model of its Keras flavour into that description
+(the walk), probes layers on zeros, and builds the smaller model. There are
+two: :mod:`keras_rebuild.backends.tf_keras` (Keras 2 as ``tf_keras``, the API
+that tensorflow-model-optimization needs) and :mod:`keras_rebuild.backends.keras3`
+(Keras 3 on the TensorFlow, JAX or torch backend).
+
+The flavour is read from the model object itself (the root module of its
+class), never from ``tf.keras``, so both flavours work in one process and a
+back-end's Keras is imported only when a model of that flavour arrives.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+from keras_rebuild.errors import MixedFlavoursError, NotAModelError
+
+FLAVOURS = ("tf_keras", "keras3")
+_ROOTS = {"tf_keras": "tf_keras", "keras": "keras3", "tensorflow_model_optimization": "tf_keras"}
+_MODULES = {"tf_keras": "keras_rebuild.backends.tf_keras", "keras3": "keras_rebuild.backends.keras3"}
+
+
+def flavour_of(obj) -> Optional[str]:
+    """``"tf_keras"`` or ``"keras3"`` for a Keras object (or class), else ``None``.
+
+    The first class in the object's MRO that comes from a Keras package decides,
+    so a user's subclass of ``keras.Model`` defined in ``__main__`` is found too.
+    """
+    cls = obj if isinstance(obj, type) else type(obj)
+    for klass in getattr(cls, "__mro__", (cls,)):
+        root = (getattr(klass, "__module__", "") or "").split(".", 1)[0]
+        if root in _ROOTS:
+            return _ROOTS[root]
+    return None
+
+
+def get_backend(flavour: str):
+    """The back-end module of a flavour (imported on first use)."""
+    if flavour not in _MODULES:
+        raise ValueError(f"Expected a flavour in {FLAVOURS}. Received: flavour={flavour!r}")
+    return importlib.import_module(_MODULES[flavour])
+
+
+def backend_for(obj, arg_name: str = "model"):
+    """The back-end module for a Keras model or layer.
+
+    Raises:
+        NotAModelError: ``obj`` is not a Keras object of a known flavour.
+    """
+    flavour = flavour_of(obj)
+    if flavour is None:
+        raise NotAModelError(
+            f"Expected `{arg_name}` to be a Keras model (Keras 3 or tf_keras). "
+            f"Received: {arg_name}={type(obj).__name__} object"
+        )
+    return get_backend(flavour)
+
+
+def same_flavour(**objects) -> str:
+    """The one flavour of several Keras objects; mixing flavours is an error.
+
+    Args:
+        **objects: ``arg_name=object`` pairs; ``None`` values are skipped.
+
+    Raises:
+        MixedFlavoursError: when two objects come from different Kerases.
+    """
+    seen = {}
+    for name, obj in objects.items():
+        if obj is None:
+            continue
+        flavour = flavour_of(obj)
+        if flavour is not None:
+            seen[name] = flavour
+    if len(set(seen.values())) > 1:
+        parts = ", ".join(f"{k} is {v}" for k, v in seen.items())
+        raise MixedFlavoursError(
+            "Expected every model and layer of one call to come from the same Keras (all Keras 3 or all "
+            f"tf_keras); save one and load it with the other Keras to convert it. Received: {parts}"
+        )
+    return next(iter(seen.values()), None)
+
+
+__all__ = ["FLAVOURS", "flavour_of", "get_backend", "backend_for", "same_flavour"]

@@ -1,0 +1,312 @@
+"""The Keras 3 back-end: models of ``import keras`` on the TensorFlow, JAX or torch backend.
+
+Importing this module imports Keras 3 (and with it whatever backend
+``KERAS_BACKEND`` names), never TensorFlow on its own. The rebuild re-runs the
+model's graph with Keras' own machinery (``Function._run_through_graph``, the
+engine of ``keras.models.clone_model``), giving each layer a new instance made
+from its (sliced) config; nested models are rebuilt recursively with their new
+input shapes, and shared layers and nested models stay shared.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+from keras.src import tree
+from keras.src.models.functional import Functional, functional_like_constructor
+from keras.src.saving import serialization_lib
+
+from keras_rebuild.errors import NotAModelError, UnsupportedModelError
+from keras_rebuild.graph import Op
+from keras_rebuild.handlers import builtin
+
+NAME = "keras3"
+
+# Keras 3 operation classes (``x + y``, ``keras.ops.relu(x)``, ``x[..., :8]``...) -> canonical op names,
+# the same names tf_keras' TFOpLambda functions map to.
+OP_CLASSES = {
+    "Add": "add", "Subtract": "subtract", "Maximum": "maximum", "Minimum": "minimum", "Divide": "divide",
+    "TrueDivide": "divide", "Multiply": "multiply", "Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid",
+    "Tanh": "tanh", "Silu": "silu", "Gelu": "gelu", "Absolute": "abs", "Abs": "abs", "Elu": "elu",
+    "Selu": "selu", "Softplus": "softplus", "Negative": "negative", "Square": "square", "Sqrt": "sqrt",
+    "Exp": "exp", "LeakyRelu": "leaky_relu", "HardSigmoid": "hard_sigmoid", "HardSilu": "hard_silu",
+    "Cast": "cast", "Clip": "clip", "Mean": "mean", "Max": "max", "Sum": "sum", "Min": "min",
+    "GetItem": "get_item", "Concatenate": "concatenate", "Mish": "mish", "Softsign": "softsign",
+}
+
+
+def _op_classes():
+    from keras.src.ops import core, nn
+    from keras.src.ops import numpy as knp
+
+    found = {}
+    for name, fn in OP_CLASSES.items():
+        for module in (knp, nn, core):
+            cls = getattr(module, name, None)
+            if isinstance(cls, type):
+                found[cls] = fn
+    return found
+
+
+OP_FUNCTIONS = _op_classes()
+
+
+def _extra_classes():
+    extra = {"op": list(OP_FUNCTIONS)}
+    with contextlib.suppress(ImportError, AttributeError):
+        from keras.src.applications import convnext
+
+        extra["LayerScale"] = [convnext.LayerScale]
+    return extra
+
+
+builtin.register_flavour(keras.layers, _extra_classes())
+
+
+# ----------------------------------------------------------------------------- models
+def _function_of(model):
+    """The ``Functional`` whose graph a model runs (a built Sequential runs one)."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    return model if isinstance(model, Functional) else None
+
+
+def is_graph_model(obj) -> bool:
+    return isinstance(obj, keras.Model) and _function_of(obj) is not None
+
+
+def check_model(model, arg_name: str = "model"):
+    if not isinstance(model, keras.Model):
+        raise NotAModelError(
+            f"Expected `{arg_name}` to be a Keras Functional or Sequential model. "
+            f"Received: {arg_name}={type(model).__name__!s} object"
+        )
+    if isinstance(model, keras.Sequential) and _function_of(model) is None:
+        raise UnsupportedModelError(
+            f"Expected `{arg_name}` to be a built model. The Sequential model '{model.name}' has no "
+            "input shape yet: add `keras.Input(shape)` as its first layer or call `model.build(input_shape)`. "
+            f"Received: {arg_name}=<unbuilt Sequential '{model.name}'>"
+        )
+    if not is_graph_model(model):
+        raise UnsupportedModelError(
+            f"Expected `{arg_name}` to be a Functional or Sequential model with a layer graph. "
+            f"'{model.name}' is a subclassed model ({type(model).__name__}); its `call()` is Python code "
+            "whose channel dependencies cannot be followed. Rebuild it as a functional model "
+            "(`keras.Model(inputs, outputs)`) and copy the weights over, then prune that. "
+            f"Received: {arg_name}=<{type(model).__name__} '{model.name}'>"
+        )
+
+
+def model_inputs(model):
+    return list(_function_of(model)._inputs)
+
+
+def model_outputs(model):
+    return list(_function_of(model)._outputs)
+
+
+def _producer(kt):
+    return kt._keras_history.operation
+
+
+def io_names(model):
+    return ([_producer(t).name for t in model_inputs(model)], [_producer(t).name for t in model_outputs(model)])
+
+
+def tensor_info(kt):
+    return tuple(kt.shape), str(kt.dtype), kt.name
+
+
+def _is_tensor(x) -> bool:
+    return isinstance(x, keras.KerasTensor)
+
+
+def walk(graph, model, prefix: str):
+    fn = _function_of(model)
+    for depth in sorted(fn._nodes_by_depth.keys(), reverse=True):
+        for node in fn._nodes_by_depth[depth]:
+            layer = node.operation
+            if layer is None or node.is_input or isinstance(layer, keras.layers.InputLayer):
+                continue
+            path = prefix + layer.name
+            inputs = [graph.tensor_id(t) for t in node.input_tensors]
+            outputs = [graph.tensor_id(t) for t in node.outputs]
+            if is_graph_model(layer):
+                calls = len([n for n in layer._inbound_nodes if not n.is_input])
+                graph.add_nested(layer, path, inputs, outputs, model_inputs(layer), model_outputs(layer), node, calls)
+                continue
+            fn_name = OP_FUNCTIONS.get(type(layer))
+            constants = tuple(a for a in node.arguments.args if not any(_is_tensor(t) for t in _leaves(a)))
+            options = {k: v for k, v in node.arguments.kwargs.items()
+                       if not any(_is_tensor(t) for t in _leaves(v))}
+            if fn_name is None and not isinstance(layer, keras.layers.Layer):
+                fn_name = "keras.ops." + type(layer).__name__
+            graph.add_layer_op(Op("layer", layer, path, inputs, outputs, node, fn=fn_name,
+                                  constants=constants, options=options))
+
+
+def _leaves(x):
+    if isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _leaves(item)
+    elif isinstance(x, dict):
+        for item in x.values():
+            yield from _leaves(item)
+    else:
+        yield x
+
+
+def probe_zero(op) -> bool:
+    """Call a parameterless layer or op on all-zero inputs; True if every output is all zero."""
+    node = op.node
+    values = {}
+    for kt in node.input_tensors:
+        shape = [1] + [d if d is not None else 4 for d in kt.shape[1:]]
+        values[id(kt)] = keras.ops.zeros(shape, dtype=kt.dtype)
+    try:
+        args, kwargs = node.arguments.fill_in(values)
+        kwargs = dict(kwargs)
+        if getattr(op.layer, "_call_has_training_arg", False):
+            kwargs["training"] = False
+        out = op.layer(*args, **kwargs)
+        return all(bool(np.all(keras.ops.convert_to_numpy(o) == 0)) for o in tree.flatten(out))
+    except Exception:  # a probe that cannot run proves nothing
+        return False
+
+
+def nested_inputs(sub):
+    """``[(tensor, input layer name), ...]`` of a nested model."""
+    return [(t, _producer(t).name) for t in model_inputs(sub)]
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def compiled_loss(model):
+    """The loss ``model`` was compiled with, or None."""
+    return getattr(model, "loss", None) or None
+
+
+def loss_value(fn, y, preds):
+    pred = preds[0] if len(preds) == 1 else list(preds)
+    out = fn(y, pred)
+    return keras.ops.sum(out)
+
+
+def activations_and_gradients(probe, x, n_acts, loss_of_preds):
+    """Gradients of the loss with respect to activations (tf_keras only for now)."""
+    from keras_rebuild.errors import UnsupportedModelError
+
+    raise UnsupportedModelError(
+        "Expected a tf_keras model for the 'taylor' criterion: its gradients are not yet measured on "
+        f"Keras 3. Use criterion='l1', 'l2', 'bn_scale', 'activation' or 'apoz'. Received: a Keras 3 model "
+        f"on the {keras.backend.backend()} backend"
+    )
+
+
+def is_batch_norm(layer) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def strip_wrappers(model):
+    """Keras 3 models carry no pruning wrappers of ours yet: the model itself."""
+    return model
+
+
+# ----------------------------------------------------------------------------- rebuild
+class _Rebuilder:
+    """Re-runs a model's graph, giving every layer a new instance from its (new) config."""
+
+    def __init__(self, new_configs, input_shapes):
+        self.new_configs = new_configs
+        self.input_shapes = input_shapes
+        self.cache = {}
+        self.notes = []
+
+    def layer(self, layer, path):
+        if id(layer) in self.cache:
+            return self.cache[id(layer)]
+        if is_graph_model(layer):
+            new = self.model(layer, path + "/")
+        else:
+            config = self.new_configs.get(path)
+            if config is None:
+                config = layer.get_config()
+            new = type(layer).from_config(config)
+        self.cache[id(layer)] = new
+        return new
+
+    def model(self, model, prefix):
+        fn = _function_of(model)
+        inputs = []
+        for t in fn._inputs:
+            name = _producer(t).name
+            shape = self.input_shapes.get(prefix + name, tuple(t.shape))
+            inputs.append(keras.Input(batch_shape=(None,) + tuple(shape[1:]), dtype=t.dtype, name=name,
+                                      sparse=getattr(t, "sparse", False)))
+        if isinstance(model, keras.Sequential):
+            new = keras.Sequential([inputs[0]._keras_history.operation], name=model.name,
+                                   trainable=model.trainable)
+            for layer in model.layers:
+                new.add(self.layer(layer, prefix + layer.name))
+            return new
+        structure = tree.pack_sequence_as(fn._inputs_struct, inputs)
+        outputs = fn._run_through_graph(structure, operation_fn=lambda op: self.layer(op, prefix + op.name))
+        if type(model) is Functional or not functional_like_constructor(type(model)):
+            if type(model) is not Functional:
+                self.notes.append(
+                    f"'{prefix + model.name}' is a {type(model).__name__}, a Functional subclass whose constructor "
+                    "takes other arguments than (inputs, outputs): it comes back as a plain Functional model "
+                    "with the same layers")
+            new = Functional(structure, outputs, name=model.name)
+        else:
+            new = type(model)(structure, outputs, name=model.name)
+        new.trainable = model.trainable
+        return new
+
+
+def build(model, new_configs, input_shapes):
+    """A new model of ``model``'s graph with the layer configs of ``new_configs`` swapped in.
+
+    Nested models' inputs take the shapes of ``input_shapes``; weights are set afterwards.
+    Returns ``(model, notes)``.
+    """
+    rebuilder = _Rebuilder(new_configs, input_shapes)
+    # The layers are the caller's own in-memory model: a Python `lambda` in a Lambda layer is
+    # their code, so Keras' safe mode (meant for loading untrusted files) must not refuse it.
+    with serialization_lib.SafeModeScope(False):
+        new = rebuilder.model(model, "")
+    return new, rebuilder.notes
+
+
+def set_weights(model, new_weights, prefix=""):
+    """Set ``new_weights[path]`` on every layer of ``model`` (nested models included)."""
+    for layer in model.layers:
+        path = prefix + layer.name
+        if is_graph_model(layer):
+            set_weights(layer, new_weights, path + "/")
+            continue
+        w = new_weights.get(path)
+        if w:
+            layer.set_weights(w)
+
+
+def clone_with_weights(model, weights):
+    """A clone of ``model`` (same architecture) whose layers get ``weights[path]`` where given."""
+    new, _ = build(model, {}, {})
+    full = {}
+    _collect(model, full, "")
+    full.update(weights)
+    set_weights(new, full)
+    return new
+
+
+def _collect(model, out, prefix):
+    for layer in model.layers:
+        path = prefix + layer.name
+        if is_graph_model(layer):
+            _collect(layer, out, path + "/")
+        elif layer.weights:
+            out[path] = layer.get_weights()
