@@ -9,7 +9,7 @@ tensorflow-model-optimization prunes single weights::
 keras_rebuild prunes whole channels with the same three steps, and the result
 can then be :func:`~keras_rebuild.rebuild`-t into a physically smaller model::
 
-    pruned = kr.prune_channels(model, pruning_schedule=tfmot.sparsity.keras.PolynomialDecay(...))
+    pruned = kr.prune_channels(model, pruning_schedule=kr.PolynomialDecay(...))  # or tfmot's schedule
     pruned.fit(x, y, callbacks=[kr.UpdatePruningStep()])
     small = kr.rebuild(pruned)          # or kr.strip_pruning(pruned): same shapes, zero channels
 
@@ -27,8 +27,14 @@ the stripped model computes, and pruned weights get zero gradient. The
 importance from the current weights when the schedule says so, and assigns
 the new masks on the host (also writing the zeros into the weights).
 
-Masks are monotone while the schedule's sparsity does not decrease (tfmot's
-``ConstantSparsity`` and ``PolynomialDecay``): channels pruned earlier are
+Per batch the cost is tfmot's: the wrapper advances its ``pruning_step``
+in the training graph (as tfmot's wrapper does), and the callback's batch hook
+only compares two Python ints; it does host work (importance, selection, mask
+assignment) on pruning steps only, and never reads a tensor back otherwise.
+
+Masks are monotone while the schedule's sparsity does not decrease
+(``ConstantSparsity``, ``PolynomialDecay`` from :mod:`keras_rebuild.schedules`,
+or tfmot's, converted to ours through their config): channels pruned earlier are
 ranked below every other channel at each update, so once pruned a channel
 stays pruned, whatever the criterion.
 """
@@ -37,15 +43,18 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from keras_rebuild import schedules as _schedules
 from keras_rebuild._compat import keras, register_serializable, tf
 from keras_rebuild.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     MissingCallbackError,
+    NotAModelError,
     received,
 )
 from keras_rebuild.graph import all_layers, check_model, is_graph_model
@@ -89,7 +98,8 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
     ``in_channel_mask`` and ``out_channel_mask`` (float 0/1, one entry per
     input/output channel of the layer's first input/output) and
     ``pruning_step`` (int64; ``-1`` until :class:`UpdatePruningStep` starts
-    training with a schedule). ``get_weights()``/``set_weights()`` use this
+    training with a schedule; each training call adds one in the graph, as
+    tfmot's wrapper does). ``get_weights()``/``set_weights()`` use this
     order; ``set_weights`` also accepts the wrapped layer's weights alone.
 
     The layer is called with its maskable weights multiplied by the masks
@@ -235,6 +245,9 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
             error.ag_pass_through = True
             error._keras_call_info_injected = True
             raise error
+        if self.pruning_step is not None and _is_true(training):
+            # Count training steps in the graph, as tfmot does: no host round trip per batch.
+            self.pruning_step.assign_add(1)
         inner = self.layer
         spec = getattr(inner, "_call_spec", None)
         kw = dict(kwargs)
@@ -428,6 +441,8 @@ def _split_data(data):
 
 
 def _schedule_final_sparsity(schedule) -> float:
+    if isinstance(schedule, _schedules.PruningSchedule):
+        return float(schedule.target)
     for attr in ("final_sparsity", "target_sparsity"):
         if hasattr(schedule, attr):
             return float(getattr(schedule, attr))
@@ -439,30 +454,37 @@ def _schedule_final_sparsity(schedule) -> float:
 
 def _serialize_schedule(schedule) -> dict:
     try:
-        config = schedule.get_config()
+        config = _schedules.serialize(schedule)
     except Exception as exc:
         raise InvalidArgumentError(
-            "Expected `pruning_schedule` to have a `get_config()` (like tfmot's PruningSchedule) so that "
-            f"wrapped models can be saved. Received: {received('pruning_schedule', schedule)}"
+            "Expected `pruning_schedule` to have a `get_config()` (like keras_rebuild's and tfmot's schedules) so "
+            f"that wrapped models can be saved. Received: {received('pruning_schedule', schedule)}"
         ) from exc
-    if not (isinstance(config, dict) and "class_name" in config and "config" in config):
-        config = {"class_name": type(schedule).__name__, "config": config}
     return _jsonable(config)
 
 
 def _deserialize_schedule(config: dict):
-    sparsity = __import__("keras_rebuild._compat", fromlist=["tfmot"]).tfmot().sparsity.keras
-    known = {"ConstantSparsity": sparsity.ConstantSparsity, "PolynomialDecay": sparsity.PolynomialDecay}
-    name = config["class_name"]
-    cls = known.get(name) or keras.saving.get_registered_object(name)
+    name = config.get("class_name")
+    schedule = _schedules.deserialize(config)
+    if schedule is not None:
+        return schedule
+    cls = keras.saving.get_registered_object(name)
     if cls is None:
         raise InvalidArgumentError(
-            f"Expected a known pruning schedule class to resume training; '{name}' is neither tfmot's "
+            f"Expected a known pruning schedule class to resume training; '{name}' is neither "
             "ConstantSparsity/PolynomialDecay nor registered with `keras.saving.register_keras_serializable`. "
             "Register it, or pass `UpdatePruningStep(pruning_schedule=...)`. "
             f"Received: {received('pruning_schedule', config)}"
         )
     return cls.from_config(config["config"]) if hasattr(cls, "from_config") else cls(**config["config"])
+
+
+def _with_frequency(schedule, frequency):
+    """``schedule`` with its pruning frequency replaced (ours only; others keep theirs)."""
+    if not frequency or not isinstance(schedule, _schedules.PruningSchedule):
+        return schedule
+    config = schedule.get_config()["config"]
+    return type(schedule).from_config({**config, "frequency": int(frequency)})
 
 
 def _criterion_name(crit) -> str:
@@ -536,9 +558,9 @@ def _rank_pruned_last(analysis, scores, removed) -> dict:
 
 
 def _select(analysis, scores, params, sparsity=None, threshold=None):
-    from keras_rebuild.plan import select_channels
+    from keras_rebuild.plan import select_remove
 
-    return select_channels(
+    return select_remove(
         analysis, scores, sparsity=sparsity, threshold=threshold, scope=params.get("scope", "local"),
         round_to=params.get("round_to", 1), min_channels=params.get("min_channels", 1),
         ignore=tuple(params.get("ignore", ())),
@@ -561,6 +583,36 @@ def _apply_remove(analysis, wrappers, remove):
 
 
 # ----------------------------------------------------------------------------- prune_channels
+_TFMOT_ONLY = {
+    "block_size": "keras_rebuild always prunes whole channels (every weight of a channel, in every layer that "
+                  "shares it); use `round_to=` to keep channel counts multiples of a block",
+    "block_pooling_type": "keras_rebuild ranks whole channels by `criterion=` (\"l1\", \"l2\", \"bn_scale\", "
+                          "\"taylor\", ...) instead of pooling weight blocks",
+    "sparsity_m_by_n": "keras_rebuild prunes channels, not weights inside a channel; for 2:4 sparse kernels, "
+                       "`kr.rebuild` the channel-pruned model, then apply "
+                       "`tfmot.sparsity.keras.prune_low_magnitude(small, sparsity_m_by_n=(2, 4), ...)` to it",
+    "pruning_policy": "keras_rebuild decides itself which layers it can prune (channel groups it can follow "
+                      "exactly, never model inputs/outputs); use `ignore=[layer names]` to leave layers whole",
+}
+
+
+def _check_tfmot_only_arguments(kwargs):
+    if not kwargs:
+        return
+    tfmot_only = [k for k in kwargs if k in _TFMOT_ONLY]
+    if tfmot_only:
+        raise InvalidArgumentError(
+            "Expected no tfmot-only arguments: `prune_channels` prunes whole channels, so "
+            + "; ".join(f"`{k}` does not apply ({_TFMOT_ONLY[k]})" for k in tfmot_only)
+            + ". Received: " + ", ".join(received(k, kwargs[k]) for k in tfmot_only)
+        )
+    raise InvalidArgumentTypeError(
+        "Expected only the arguments of `prune_channels` (model, sparsity, pruning_schedule, criterion, scope, "
+        "ignore, round_to, min_channels, threshold, data, bn_l1, frequency). "
+        f"Received unknown keyword arguments: {sorted(kwargs)}"
+    )
+
+
 def prune_channels(
     model,
     sparsity: Optional[float] = None,
@@ -574,6 +626,7 @@ def prune_channels(
     data=None,
     bn_l1: float = 0.0,
     frequency: Optional[int] = None,
+    **kwargs,
 ):
     """Wrap a model for whole-channel pruning (the structured twin of tfmot's ``prune_low_magnitude``).
 
@@ -591,20 +644,25 @@ def prune_channels(
       ``strip_pruning(prune_channels(m, sparsity=0.5))`` needs no training.
       The masks stay fixed afterwards: the model can be fine-tuned with or
       without :class:`UpdatePruningStep` (pruned weights get zero gradient).
-    * ``pruning_schedule=tfmot.sparsity.keras.PolynomialDecay(...)`` (or
-      ``ConstantSparsity``, or any tfmot ``PruningSchedule``): gradual. The
-      schedule's sparsity is used as the channel fraction; masks start full
-      and :class:`UpdatePruningStep` (required in ``fit``) updates them when
-      ``schedule(step)`` says prune.
+    * ``pruning_schedule=kr.PolynomialDecay(...)`` (or ``ConstantSparsity``,
+      ours or tfmot's, or any tfmot ``PruningSchedule``): gradual. The
+      schedule's sparsity is used as the fraction of *channels* (tfmot: of
+      weights); masks start full and :class:`UpdatePruningStep` (required in
+      ``fit``) updates them when ``schedule(step)`` says prune. tfmot's
+      ``ConstantSparsity``/``PolynomialDecay`` are converted to ours through
+      their config, so no TensorFlow op runs per batch to ask them.
     * ``threshold=k``: one-shot; prune channels scoring more than ``k``
       standard deviations below the mean (see ``plan.select_channels``).
 
     Args:
-        model: A tf_keras Functional or Sequential model (not modified).
+        model: A tf_keras Functional or Sequential model (not modified). The
+            whole model, not a layer: channels are shared between layers, so
+            tfmot's per-layer ``clone_function`` pattern becomes ``ignore=``.
         sparsity: One-shot fraction of channels to prune per group (or of all
             channels with ``scope="global"``), in [0, 1).
-        pruning_schedule: A tfmot pruning schedule, ``schedule(step) ->
-            (should_prune, sparsity)``; its final sparsity must be < 1.
+        pruning_schedule: A :mod:`keras_rebuild.schedules` schedule or a tfmot
+            one, ``schedule(step) -> (should_prune, sparsity)``; its final
+            sparsity must be < 1.
         criterion: Importance criterion name (``"l1"``, ``"l2"``,
             ``"bn_scale"``, ``"activation"``, ``"apoz"``, ``"taylor"``,
             ``"random"``) or a :class:`keras_rebuild.importance.Criterion`.
@@ -619,6 +677,9 @@ def prune_channels(
         frequency: Schedule mode: recompute the masks every ``frequency``
             steps inside the schedule's ``[begin_step, end_step]`` instead of
             at the schedule's own frequency.
+        **kwargs: tfmot's ``block_size``, ``block_pooling_type``,
+            ``sparsity_m_by_n`` and ``pruning_policy`` are refused with an
+            error that says what keras_rebuild does instead.
 
     Returns:
         A new ``keras.Model`` with :class:`StructuredPruningWrapper` layers
@@ -631,12 +692,18 @@ def prune_channels(
             sparsity outside [0, 1), a schedule whose final sparsity is >= 1,
             an unknown layer in ``ignore``, a data-driven criterion without
             ``data``, or a model that is already wrapped.
-        InvalidArgumentTypeError: arguments of the wrong type.
+            Also tfmot-only arguments (``block_size``, ...).
+        InvalidArgumentTypeError: arguments of the wrong type, unknown keyword
+            arguments, or a single layer instead of a model.
+
+    Warns:
+        UserWarning: nothing in the model can be pruned (every channel group
+            is blocked, ignored or a model input/output).
 
     Example:
         >>> pruned = kr.prune_channels(model, sparsity=0.5)       # doctest: +SKIP
         >>> small = kr.rebuild(pruned)                            # doctest: +SKIP
-        >>> schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=1000)
+        >>> schedule = kr.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=1000)
         >>> pruned = kr.prune_channels(model, pruning_schedule=schedule)  # doctest: +SKIP
         >>> pruned.compile("adam", "sparse_categorical_crossentropy")     # doctest: +SKIP
         >>> pruned.fit(x, y, epochs=5, callbacks=[kr.UpdatePruningStep()])  # doctest: +SKIP
@@ -644,6 +711,15 @@ def prune_channels(
     from keras_rebuild.groups import Analysis
     from keras_rebuild.importance import get_criterion
 
+    _check_tfmot_only_arguments(kwargs)
+    if isinstance(model, keras.layers.Layer) and not isinstance(model, keras.Model):
+        raise NotAModelError(
+            "Expected `model` to be a Keras model: `prune_channels` wraps a whole model, because a pruned "
+            "channel must be removed from every layer that shares it. tfmot's per-layer pattern "
+            "(`clone_model(model, clone_function=...)` calling `prune_low_magnitude(layer)`) becomes one call: "
+            "`kr.prune_channels(model, ..., ignore=[names of the layers to leave whole])`. "
+            f"Received: model={type(model).__name__} object (layer '{model.name}')"
+        )
     check_model(model)
     if any(isinstance(layer, StructuredPruningWrapper) for layer in all_layers(model)):
         raise InvalidArgumentError(
@@ -682,11 +758,7 @@ def prune_channels(
     mode = given[0] if given[0] != "pruning_schedule" else "schedule"
     schedule_config = None
     if mode == "schedule":
-        if not callable(pruning_schedule):
-            raise InvalidArgumentTypeError(
-                "Expected `pruning_schedule` to be a tfmot PruningSchedule (callable as "
-                f"`schedule(step) -> (should_prune, sparsity)`). Received: {received('pruning_schedule', pruning_schedule)}"
-            )
+        pruning_schedule = _schedules.get(pruning_schedule)  # tfmot's built-ins become ours
         final = _schedule_final_sparsity(pruning_schedule)
         if not 0.0 <= final < 1.0:
             raise InvalidArgumentError(
@@ -739,6 +811,12 @@ def prune_channels(
             return w
         return new
 
+    if not wrap:
+        warnings.warn(
+            f"prune_channels: nothing in model '{model.name}' can be pruned: every channel group is a model "
+            "input or output, ignored, or blocked (print `kr.analyze(model).summary()` to see why). The returned "
+            "model has no pruning wrappers and `rebuild` will not make it smaller.",
+            UserWarning, stacklevel=2)
     wrapped = _clone(model, layer_fn)
     for path, new, old in _pairs(wrapped, model):
         if old.weights:
@@ -805,20 +883,30 @@ class UpdatePruningStep(keras.callbacks.Callback):
     to ``fit`` of every model wrapped with a ``pruning_schedule`` (training
     without it raises :class:`~keras_rebuild.errors.MissingCallbackError`).
 
-    Every training batch advances the wrappers' ``pruning_step`` (saved with
-    the model, so a reloaded model resumes its schedule where it was). Before
-    a batch at which the schedule says prune (``schedule(step)[0]``, or every
-    ``frequency`` steps when ``prune_channels(frequency=...)`` was given), it
-    computes channel importance from the current (masked) weights of the
-    wrapped layers, selects the schedule's sparsity with
+    Each training batch advances the wrappers' ``pruning_step`` inside the
+    training graph (saved with the model, so a reloaded model resumes its
+    schedule where it was). At a step where the schedule says prune
+    (``schedule(step)[0]``, or every ``frequency`` steps when
+    ``prune_channels(frequency=...)`` was given), before that batch, the
+    callback computes channel importance from the current (masked) weights of
+    the wrapped layers, selects the schedule's sparsity with
     :func:`keras_rebuild.plan.select_channels` and assigns the new masks to
     every wrapper on the host, writing zeros into the pruned weights. Channels
     pruned earlier rank below all others, so masks only grow while the
     sparsity does not decrease. At the end of each epoch the pruned weights
     are zeroed again (momentum or weight decay can move them).
 
+    Between pruning steps a batch costs what it costs with tfmot's callback:
+    the batch hook compares two Python ints, reads no tensor (batch logs stay
+    on the device) and runs no TensorFlow op. A pruning step that falls on the
+    first batch of ``fit`` runs in ``on_train_begin``.
+
+    When ``fit`` ends before the schedule has reached its target sparsity
+    (``end_step`` beyond the steps trained), the callback warns once, with
+    the sparsity reached and the steps still needed.
+
     For one-shot models (``sparsity=`` or ``threshold=``) the callback is
-    optional: it only advances the step and re-zeroes weights; masks stay.
+    optional: it only re-zeroes weights; masks stay.
 
     Args:
         data: Data for data-driven criteria (``(x, y)`` or ``x``); defaults to
@@ -829,18 +917,29 @@ class UpdatePruningStep(keras.callbacks.Callback):
         pruning_schedule: Override the schedule (needed after loading a model
             pruned with a custom, unregistered schedule class).
 
+    Attributes:
+        step: The number of training steps done (the wrappers' ``pruning_step``).
+        schedule: The schedule in use (a :mod:`keras_rebuild.schedules` object,
+            or your own callable).
+        last_sparsity: The sparsity of the last mask update, or ``None``.
+
     Example:
         >>> model.fit(x, y, epochs=3, callbacks=[kr.UpdatePruningStep()])  # doctest: +SKIP
     """
 
     def __init__(self, data=None, criterion=None, pruning_schedule=None):
         super().__init__()
+        # Batch logs are not read: Keras must not copy them to the host for this callback.
+        self._supports_tf_logs = True
         self._data = data
         self._criterion_override = criterion
-        self._schedule_override = pruning_schedule
+        self._schedule_override = None if pruning_schedule is None else _schedules.get(pruning_schedule)
         self._wrappers: Dict[str, StructuredPruningWrapper] = {}
         self._analysis = None
         self._analysis_model = None
+        self._epoch_start = 0
+        self._next_prune: Optional[int] = -1  # -1: not set up yet (the batch hook sets up)
+        self._warned = False
         self.step = 0
         self.params_ = {}
         self.schedule = None
@@ -850,6 +949,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
     # -- setup -------------------------------------------------------------------
     def _setup(self):
         self._wrappers = wrapped_layers(self.model)
+        self._next_prune = None
         if not self._wrappers:
             log.warning("UpdatePruningStep: the model has no StructuredPruningWrapper layers; nothing to do.")
             return
@@ -860,6 +960,8 @@ class UpdatePruningStep(keras.callbacks.Callback):
         if self.schedule is None and self.params_.get("mode") == "schedule":
             self.schedule = runtime.schedule if runtime is not None and runtime.schedule is not None else \
                 _deserialize_schedule(self.params_["pruning_schedule"])
+            self.schedule = _schedules.get(self.schedule)
+        self.schedule = _with_frequency(self.schedule, self.params_.get("frequency"))
         if self._criterion_override is not None:
             from keras_rebuild.importance import get_criterion
 
@@ -870,55 +972,91 @@ class UpdatePruningStep(keras.callbacks.Callback):
             self.criterion = None  # resolved lazily (by name) at the first update
         if self._data is None and runtime is not None:
             self._data = runtime.data
-        step = int(keras.backend.get_value(first.pruning_step))
+        step = min(int(v) for v in keras.backend.batch_get_value([w.pruning_step for w in self._wrappers.values()]))
         self.step = max(step, 0)
+        self._epoch_start = self.step
         if step < 0:
             self._set_step(0)
         if self._analysis_model is not self.model:
             self._analysis = None
         for w in self._wrappers.values():
             w._callback_active = True
+        if self.schedule is not None:
+            self.analysis()  # now, outside the batch hooks
+            self._next_prune = self._next_pruning_step(self.step)
 
     def _set_step(self, value):
         keras.backend.batch_set_value([(w.pruning_step, int(value)) for w in self._wrappers.values()])
 
+    def _sync_step(self):
+        """Read the step counted in the graph (one read, at epoch ends) and align every wrapper on it."""
+        steps = [int(v) for v in keras.backend.batch_get_value([w.pruning_step for w in self._wrappers.values()])]
+        self.step = min(steps)  # a wrapper called twice per step (a shared layer) counts twice
+        if any(v != self.step for v in steps):
+            self._set_step(self.step)
+
+    def _next_pruning_step(self, step) -> Optional[int]:
+        if self.schedule is None:
+            return None
+        if isinstance(self.schedule, _schedules.PruningSchedule):
+            return self.schedule.next_pruning_step(step)
+        return step  # a schedule of your own: asked at every step
+
     def set_model(self, model):
         super().set_model(model)
         self._wrappers = {}
+        self._next_prune = -1
 
     def on_train_begin(self, logs=None):
         self._setup()
+        if self._next_prune is not None and self._next_prune <= self.step:
+            self._pruning_step(self.step)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._wrappers:
+            self._epoch_start = self.step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # The whole per-batch cost between pruning steps: one comparison.
+        nxt = self._next_prune
+        if nxt is None or self._epoch_start + batch < nxt:
+            return
+        if nxt == -1 and not self._wrappers:  # used without on_train_begin (custom loop)
+            self._setup()
+            if self._next_prune is None or self._epoch_start + batch < self._next_prune:
+                return
+        self._pruning_step(self._epoch_start + batch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._wrappers:
+            self._sync_step()
+            self._zero_weights()
 
     def on_train_end(self, logs=None):
         if not self._wrappers:
             return
+        self._sync_step()
         self._zero_weights()
         for w in self._wrappers.values():
             w._callback_active = False
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._wrappers:
-            self._zero_weights()
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if not self._wrappers:
-            self._setup()
-            if not self._wrappers:
-                return
-        if self.schedule is None:
-            return
-        should, sparsity = self._decide(self.step)
-        if should:
-            self.update_masks(sparsity)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if not self._wrappers:
-            return
-        self.step += 1
-        self._set_step(self.step)
+        self._warn_if_below_target()
 
     # -- logic -------------------------------------------------------------------
+    def _pruning_step(self, step):
+        """Host work at a pruning step (or the first step after one that a multi-step execution skipped)."""
+        self.step = step
+        if isinstance(self.schedule, _schedules.PruningSchedule):
+            should, sparsity = True, self.schedule.sparsity(step)
+        else:
+            should, sparsity = self._decide(step)
+        if should:
+            self.update_masks(sparsity)
+        self._next_prune = self._next_pruning_step(step + 1)
+
     def _decide(self, step):
+        """``(should_prune, sparsity)`` of the schedule at ``step`` (with ``frequency`` applied)."""
+        if isinstance(self.schedule, _schedules.PruningSchedule):
+            return self.schedule(step)
         should, sparsity = self.schedule(tf.constant(step, tf.int64))
         should = bool(np.asarray(should))
         sparsity = float(np.asarray(sparsity))
@@ -928,6 +1066,42 @@ class UpdatePruningStep(keras.callbacks.Callback):
             end = int(getattr(self.schedule, "end_step", -1))
             should = step >= begin and (end < 0 or step <= end) and (step - begin) % int(freq) == 0
         return should, sparsity
+
+    def target_sparsity(self, step: Optional[int] = None) -> Optional[float]:
+        """The schedule's sparsity at ``step`` (default: the current step); ``None`` without a schedule."""
+        if self.schedule is None:
+            return None
+        step = self.step if step is None else int(step)
+        if isinstance(self.schedule, _schedules.PruningSchedule):
+            return self.schedule.sparsity(step)
+        return self._decide(step)[1]
+
+    def _warn_if_below_target(self):
+        schedule = self.schedule
+        if self._warned or not isinstance(schedule, _schedules.PruningSchedule):
+            return
+        target = schedule.target
+        done = self.step  # steps 0 .. done-1 were trained
+        last = None
+        if done > schedule.begin_step:
+            upto = done - 1 if schedule.end_step < 0 else min(done - 1, schedule.end_step)
+            last = schedule.begin_step + ((upto - schedule.begin_step) // schedule.frequency) * schedule.frequency
+        reached = 0.0 if last is None else schedule.sparsity(last)
+        if reached >= target - 1e-9:
+            return
+        final = schedule.final_step if schedule.final_step is not None else schedule.begin_step
+        if final < done:  # the schedule is over and ends below its own target (frequency vs end_step)
+            return
+        per_epoch = (self.params or {}).get("steps")
+        hint = f" ({per_epoch} steps per epoch here)" if per_epoch else ""
+        self._warned = True
+        warnings.warn(
+            f"UpdatePruningStep: training ended at step {done}, before the pruning schedule reached its target. "
+            f"The model is below its target sparsity: {reached:.1%} of channels pruned, target {target:.1%} "
+            f"(reached at step {final}, {final + 1 - done} more steps). Train on with the same callback (the "
+            f"schedule resumes), or end the schedule within training: `end_step` <= epochs * steps per epoch - 1"
+            f"{hint}. Received: {schedule!r}",
+            UserWarning, stacklevel=2)
 
     def _get_criterion(self):
         if self.criterion is None:
