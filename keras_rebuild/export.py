@@ -11,7 +11,6 @@ import dataclasses
 import gzip
 import logging
 import os
-import tempfile
 import time
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -27,6 +26,7 @@ from keras_rebuild.errors import (
     VerificationError,
     received,
 )
+from keras_rebuild.io import check_output_path, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,11 @@ class ExportResult:
             ``"dynamic"`` or ``"int8"``).
         int8_io: Whether input and output tensors are int8.
         verification: A ``VerificationResult``, or ``None`` if ``verify=False``.
+        inputs: Per input tensor of the ``.tflite`` model: ``name``, ``shape``,
+            ``dtype``, and the ``scale`` and ``zero_point`` an app needs to
+            quantize its data (``real = scale * (q - zero_point)``); these two
+            are ``None`` for float tensors.
+        outputs: The same per output tensor.
         content: The flatbuffer bytes (read from ``path`` when not kept).
     """
 
@@ -117,6 +122,8 @@ class ExportResult:
     quantize: str
     int8_io: bool = False
     verification: Optional[VerificationResult] = None
+    inputs: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    outputs: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     _content: Optional[bytes] = dataclasses.field(default=None, repr=False)
 
     @property
@@ -134,6 +141,11 @@ class ExportResult:
             f"  path:    {self.path if self.path else '(in memory)'}",
             f"  size:    {_fmt_bytes(self.size_bytes)} ({_fmt_bytes(self.gzipped_size_bytes)} gzipped)",
         ]
+        for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+            for t in tensors:
+                if t.get("scale") is not None:
+                    lines.append(f"  {kind} {t['name']}: {t['dtype']} {list(t['shape'])}, scale {t['scale']:.9g}, "
+                                 f"zero point {t['zero_point']} (real = scale * (q - zero point))")
         if self.verification is None:
             lines.append("  verification: skipped")
         else:
@@ -301,28 +313,95 @@ def _prepare_model(model):
 # --------------------------------------------------------------------------
 
 
+def _spec_dtype(dtype) -> np.dtype:
+    dtype = tf.as_dtype(dtype)
+    if dtype in (tf.float16, tf.bfloat16):
+        return np.dtype(np.float32)  # mixed-precision models are exported with float32 inputs
+    return np.dtype(dtype.as_numpy_dtype)
+
+
 def _input_specs(model) -> List[tuple]:
-    """``[(name, shape_without_batch, numpy_dtype)]`` for each model input."""
+    """``[(name, shape_without_batch, numpy_dtype)]`` for each model input.
+
+    A built subclassed model has no ``inputs``; its input signature comes
+    from the inputs it was called (or trained) on (``model.save_spec()``).
+    """
     inputs = getattr(model, "inputs", None)
     if not inputs:
+        specs = _saved_input_specs(model)
+        if specs:
+            return specs
         raise NotAModelError(
-            "Expected `model` to be a built Keras model with known inputs (call it once or "
-            f"give it an `Input`). Received: {received('model', model)}"
+            "Expected `model` to be a Keras model with known inputs: a functional or Sequential model, "
+            "or a subclassed model that has been called on data (or built with `model.build(shape)`). "
+            f"Received: {received('model', model)} (never called)"
         )
     names = list(getattr(model, "input_names", None) or [])
     specs = []
     for i, t in enumerate(inputs):
         name = names[i] if i < len(names) else t.name.split(":")[0]
-        specs.append((name, tuple(t.shape[1:]), t.dtype.as_numpy_dtype))
+        specs.append((name, tuple(t.shape[1:]), _spec_dtype(t.dtype)))
     return specs
 
 
-def _output_names(model) -> List[str]:
+def _saved_input_specs(model) -> Optional[List[tuple]]:
+    """Input specs of a subclassed model from the signature it was called with, else ``None``."""
+    save_spec = getattr(model, "save_spec", None)
+    try:
+        spec = save_spec(dynamic_batch=True) if callable(save_spec) else None
+    except (TypeError, ValueError, AttributeError):
+        spec = None
+    if not spec:
+        return None
+    args, kwargs = spec
+    if kwargs or len(args) != 1:
+        return None
+    flat = args[0]
+    if isinstance(flat, Mapping):
+        items = list(flat.items())
+    elif isinstance(flat, (list, tuple)):
+        items = [(getattr(t, "name", None) or f"input_{i}", t) for i, t in enumerate(flat)]
+    else:
+        items = [(getattr(flat, "name", None) or "input_0", flat)]
+    specs = []
+    for name, t in items:
+        if not isinstance(t, tf.TensorSpec) or t.shape.rank is None:
+            return None
+        specs.append((str(name), tuple(t.shape[1:]), _spec_dtype(t.dtype)))
+    return specs
+
+
+def _output_names(model, n: Optional[int] = None) -> List[str]:
     names = list(getattr(model, "output_names", None) or [])
-    n = len(model.outputs) if getattr(model, "outputs", None) else len(names)
+    outputs = getattr(model, "outputs", None)
+    if n is None:
+        n = len(outputs) if outputs else len(names)
     if len(names) != n:
         names = [f"output_{i}" for i in range(n)]
     return names
+
+
+def _check_array(a: np.ndarray, arg_name: str, name: str, dtype) -> None:
+    """Numbers of a kind the model takes, all finite."""
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.bool_)):
+        raise InvalidArgumentTypeError(
+            f"Expected `{arg_name}` for input {name!r} to hold numbers. Received: an array of dtype {a.dtype}"
+        )
+    if np.issubdtype(a.dtype, np.complexfloating):
+        raise InvalidArgumentTypeError(
+            f"Expected `{arg_name}` for input {name!r} to hold real numbers. Received: an array of dtype {a.dtype}"
+        )
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        raise InvalidArgumentError(
+            f"Expected `{arg_name}` for input {name!r} to hold finite values (NaN and Inf cannot be "
+            f"calibrated or compared). Received: the data hold {n_nan} NaN and {n_inf} Inf values"
+        )
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(a.dtype, np.floating) and not np.all(a == np.round(a)):
+        raise InvalidArgumentError(
+            f"Expected `{arg_name}` for integer input {name!r} to hold whole numbers. "
+            f"Received: fractional values of dtype {a.dtype}"
+        )
 
 
 def _as_sample_list(x, specs, arg_name) -> List[np.ndarray]:
@@ -345,12 +424,17 @@ def _as_sample_list(x, specs, arg_name) -> List[np.ndarray]:
         )
     out = []
     for a, (name, shape, dtype) in zip(x, specs):
+        _check_array(a, arg_name, name, dtype)
         if a.ndim == len(shape):  # a single sample without batch axis
             a = a[None]
-        if a.ndim != len(shape) + 1:
+        if a.ndim != len(shape) + 1 or any(d is not None and d != e for d, e in zip(shape, a.shape[1:])):
             raise InvalidArgumentError(
-                f"Expected `{arg_name}` arrays for input {name!r} of shape (batch, {', '.join(map(str, shape))}). "
-                f"Received: shape={a.shape}"
+                f"Expected `{arg_name}` arrays for input {name!r} of shape "
+                f"(batch, {', '.join('None' if d is None else str(d) for d in shape)}). Received: shape={a.shape}"
+            )
+        if a.shape[0] == 0:
+            raise InvalidArgumentError(
+                f"Expected `{arg_name}` to hold at least one sample. Received: shape={a.shape}"
             )
         out.append(a.astype(dtype, copy=False))
     if len({a.shape[0] for a in out}) != 1:
@@ -448,17 +532,27 @@ def _make_interpreter(content: bytes, num_threads: int = 1):
 
 
 def _load_content(path_or_bytes: PathOrBytes) -> bytes:
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        return bytes(path_or_bytes)
     if isinstance(path_or_bytes, ExportResult):
-        return path_or_bytes.content
-    if isinstance(path_or_bytes, (str, os.PathLike)):
-        with open(path_or_bytes, "rb") as f:
-            return f.read()
-    raise InvalidArgumentTypeError(
-        "Expected a path to a .tflite file, its bytes or an ExportResult. "
-        f"Received: {received('path_or_bytes', path_or_bytes)}"
-    )
+        content = path_or_bytes.content
+    elif isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        content = bytes(path_or_bytes)
+    elif isinstance(path_or_bytes, (str, os.PathLike)):
+        path = os.fspath(path_or_bytes)
+        if os.path.isdir(path):
+            raise InvalidArgumentError(f"Expected a .tflite file. Received: path={path!r} is a folder")
+        with open(path, "rb") as f:
+            content = f.read()
+    else:
+        raise InvalidArgumentTypeError(
+            "Expected a path to a .tflite file, its bytes or an ExportResult. "
+            f"Received: {received('path_or_bytes', path_or_bytes)}"
+        )
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise InvalidArgumentError(
+            "Expected a TFLite flatbuffer (file identifier 'TFL3'). "
+            f"Received: {len(content)} bytes starting with {content[:8]!r}"
+        )
+    return content
 
 
 def _quantize_input(x: np.ndarray, detail) -> np.ndarray:
@@ -597,9 +691,12 @@ def run_tflite(path_or_bytes: PathOrBytes, inputs, model=None, num_threads: int 
         specs = _input_specs(model)
         xs = _as_sample_list(inputs, specs, "inputs")
         in_details = _match([s[0] for s in specs], [_shape_key((None,) + s[1]) for s in specs], in_details, "input")
-        out_names = _output_names(model)
-        out_shapes = [_shape_key(t.shape) for t in model.outputs]
-        out_details = _match(out_names, out_shapes, out_details, "output")
+        if getattr(model, "outputs", None):
+            out_names = _output_names(model)
+            out_shapes = [_shape_key(t.shape) for t in model.outputs]
+            out_details = _match(out_names, out_shapes, out_details, "output")
+        else:  # a subclassed model: outputs in the order of its traced signature
+            out_details = sorted(out_details, key=lambda d: (d.get("key") is None, str(d.get("key")), d["index"]))
     else:
         if isinstance(inputs, Mapping):
             keys = [d.get("key") or d["name"] for d in in_details]
@@ -625,8 +722,70 @@ def _keras_outputs(model, xs: List[np.ndarray]) -> List[np.ndarray]:
     return [np.asarray(out)]
 
 
+_LOW_PRECISION = frozenset({"float16", "bfloat16", "mixed_float16", "mixed_bfloat16"})
+
+
+def _policy_names(layer) -> set:
+    policy = getattr(layer, "dtype_policy", None)
+    names = {getattr(policy, "name", None), getattr(policy, "compute_dtype", None),
+             getattr(policy, "variable_dtype", None)}
+    return {str(n) for n in names if n is not None}
+
+
+def _is_low_precision(model) -> bool:
+    """Whether any layer computes or stores in float16/bfloat16 (mixed precision included)."""
+    layers = [model] + list(_iter_layers(model))
+    if any(_policy_names(layer) & _LOW_PRECISION for layer in layers):
+        return True
+    return any(str(getattr(t, "dtype", "")).endswith(("float16", "bfloat16"))
+               for t in (getattr(model, "inputs", None) or []))
+
+
+def _float32_config(value):
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k == "dtype" and (v in _LOW_PRECISION or (
+                    isinstance(v, dict) and isinstance(v.get("config"), dict)
+                    and v["config"].get("name") in _LOW_PRECISION)):
+                out[k] = "float32"
+            else:
+                out[k] = _float32_config(v)
+        return out
+    if isinstance(value, list):
+        return [_float32_config(v) for v in value]
+    return value
+
+
+def _float32_copy(model):
+    """A float32 copy of a float16 / bfloat16 / mixed-precision model (same weights, cast)."""
+    try:
+        config = model.get_config()
+        copy = type(model).from_config(_float32_config(config))
+    except (NotImplementedError, TypeError, ValueError, KeyError) as exc:
+        raise InvalidArgumentError(
+            "Expected a float16/bfloat16 model to be functional or Sequential, so that it can be exported as "
+            "float32 (the TFLite converter cannot take float16 Keras layers). Received: "
+            f"{received('model', model)} ({type(exc).__name__}: {exc})"
+        ) from None
+    weights = [np.asarray(w, np.float32) if np.issubdtype(np.asarray(w).dtype, np.floating) else w
+               for w in model.get_weights()]
+    copy.set_weights(weights)
+    return copy
+
+
 def _convert(model, quantize: str, int8_io: bool, calibration: Optional[List[List[np.ndarray]]], specs) -> bytes:
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if getattr(model, "inputs", None):
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    else:  # a built subclassed model: trace it on its saved input signature
+        signature = [tf.TensorSpec((None,) + tuple(shape), tf.as_dtype(dtype), name=name)
+                     for name, shape, dtype in specs]
+
+        @tf.function(input_signature=signature)
+        def serve(*xs):
+            return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
     if quantize == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -634,11 +793,13 @@ def _convert(model, quantize: str, int8_io: bool, calibration: Optional[List[Lis
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif quantize == "int8":
         names = [s[0] for s in specs]
+        dtypes = [s[2] for s in specs]
 
         def representative_dataset():
             for sample in calibration:
                 # Dicts keyed by input name: the converter's own input order may differ from Keras's.
-                yield {n: a.astype(np.float32) for n, a in zip(names, sample)}
+                # Each input keeps its own dtype (integer ids stay integers, e.g. for an Embedding).
+                yield {n: a.astype(dtype, copy=False) for n, a, dtype in zip(names, sample, dtypes)}
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative_dataset
@@ -657,8 +818,16 @@ def _verify(
     model, content: bytes, xs: List[np.ndarray], atol: float, rtol: float, min_top1: Optional[float]
 ) -> VerificationResult:
     expected = _keras_outputs(model, xs)
+    for e in expected:
+        e = np.asarray(e)
+        if np.issubdtype(e.dtype, np.floating) and not np.isfinite(e).all():
+            raise VerificationError(
+                "Expected the Keras model to give finite outputs on the verification inputs. Received: "
+                f"{int((~np.isfinite(e)).sum())} NaN/Inf output values: the model itself is broken on these inputs "
+                "(check its weights or pass other `sample_inputs`); raising the tolerances would not help"
+            )
     got = run_tflite(content, xs, model=model)
-    names = _output_names(model)
+    names = _output_names(model, len(expected))
     per_output = []
     passed = True
     abs_sum, count, top1s = 0.0, 0, []
@@ -701,24 +870,25 @@ def _verify(
     )
 
 
-def _write_atomic(path: str, content: bytes, overwrite: bool) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        if not overwrite and os.path.exists(path):
-            raise OutputExistsError(
-                f"Expected `path` to not exist (pass `overwrite=True` to replace it). Received: path={path!r}"
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _is_fully_integer(content: bytes) -> bool:
+    """Whether a converted model holds integer weights (an int8 model with no quantized tensor is float)."""
+    interpreter = _make_interpreter(content)
+    return any(np.issubdtype(d["dtype"], np.integer) and d["quantization"][0]
+               for d in interpreter.get_tensor_details())
+
+
+def _io_quantization(content: bytes) -> tuple:
+    """Per input and output tensor: name, shape, dtype, and scale and zero point when quantized."""
+    interpreter = _make_interpreter(content)
+    in_details, out_details = _io_details(interpreter)
+
+    def describe(d):
+        scale, zero_point = d["quantization"]
+        return {"name": d.get("key") or d["name"], "shape": tuple(int(x) for x in d["shape_signature"]),
+                "dtype": np.dtype(d["dtype"]).name, "scale": float(scale) if scale else None,
+                "zero_point": int(zero_point) if scale else None}
+
+    return [describe(d) for d in in_details], [describe(d) for d in out_details]
 
 
 def export_tflite(
@@ -829,34 +999,46 @@ def export_tflite(
             raise InvalidArgumentError(f"Expected `{arg}` to be >= 0. Received: {received(arg, value)}")
     if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
         raise InvalidArgumentError(f"Expected `min_top1` to be in [0, 1]. Received: {received('min_top1', min_top1)}")
+    for arg, value, low in (("num_calibration_samples", num_calibration_samples, 1),
+                            ("num_verify_samples", num_verify_samples, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgumentTypeError(f"Expected `{arg}` to be an int. Received: {received(arg, value)}")
+        if value < low:
+            raise InvalidArgumentError(f"Expected `{arg}` to be >= {low}. Received: {received(arg, value)}")
     if path is not None:
+        check_output_path(path, overwrite=overwrite, arg="path")
         path = os.fspath(path)
-        if os.path.isdir(path):
-            raise InvalidArgumentError(f"Expected `path` to be a file path, not a directory. Received: path={path!r}")
-        if os.path.exists(path) and not overwrite:
-            raise OutputExistsError(
-                f"Expected `path` to not exist (pass `overwrite=True` to replace it). Received: path={path!r}"
-            )
 
     specs = _input_specs(model)
     prepared = _prepare_model(model)
+    low_precision = _is_low_precision(prepared)
+    if low_precision:
+        logger.info("Model computes in float16/bfloat16: exporting a float32 copy of it (%s).", mode)
+        prepared = _float32_copy(prepared)
     calibration = None
     if representative_data is not None:
         limit = max(num_calibration_samples, num_verify_samples) if mode == "int8" else num_verify_samples
         calibration = _representative_batches(representative_data, specs, limit)
+    xs = None
+    if verify and sample_inputs is not None:
+        xs = _as_sample_list(sample_inputs, specs, "sample_inputs")
 
     logger.info("Converting %s to TFLite (%s).", model.name, mode)
     content = _convert(prepared, mode, int8_io, calibration[:num_calibration_samples] if calibration else None, specs)
+    if mode == "int8" and not _is_fully_integer(content):
+        raise VerificationError(
+            "Expected the int8 model to compute in integers. Received: the converter left float operations "
+            "(too little calibration data?); nothing was written"
+        )
 
     verification = None
     if verify:
-        if sample_inputs is not None:
-            xs = _as_sample_list(sample_inputs, specs, "sample_inputs")
-        elif calibration is not None:
+        if xs is None and calibration is not None:
             xs = _concat_samples(calibration[:num_verify_samples])
-        else:
+        elif xs is None:
             xs = _random_inputs(specs, num_verify_samples, seed)
-        tol = DEFAULT_TOLERANCES[mode]
+        # A float16/mixed-precision model is only as exact as float16.
+        tol = DEFAULT_TOLERANCES["float16" if low_precision and mode == "float32" else mode]
         # Compare with the model as given (not the stripped/rebuilt copy), so
         # stripping and rebuilding are checked end to end too.
         verification = _verify(
@@ -881,8 +1063,9 @@ def export_tflite(
             )
 
     if path is not None:
-        _write_atomic(path, content, overwrite)
+        write_bytes(path, content, overwrite=overwrite, arg="path")
         logger.info("Wrote %s (%d bytes).", path, len(content))
+    inputs_q, outputs_q = _io_quantization(content)
     return ExportResult(
         path=path,
         size_bytes=len(content),
@@ -890,6 +1073,8 @@ def export_tflite(
         quantize=mode,
         int8_io=bool(int8_io),
         verification=verification,
+        inputs=inputs_q,
+        outputs=outputs_q,
         _content=content if path is None else None,
     )
 
