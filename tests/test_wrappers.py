@@ -621,3 +621,44 @@ def test_zoo_prune_half_then_strip_and_rebuild_are_exact_and_smaller(name, size)
     assert small.count_params() < 0.75 * model.count_params()
     x = random_inputs(model, batch=2, seed=1)
     assert_models_close(small, stripped, x, atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+def read_scalars(log_dir):
+    """``{tag: [(step, value), ...]}`` from the event files under ``log_dir``."""
+    import glob
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(str(log_dir), "**", "events.out.tfevents.*"), recursive=True)):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+                out.setdefault(value.tag, []).append((int(event.step), number))
+    return out
+
+
+def test_pruning_summaries_log_each_layers_channel_sparsity_the_total_and_the_target(digits, tmp_path):
+    from keras_rebuild.callbacks import PruningSummaries, channel_sparsity
+    from keras_rebuild.schedules import PolynomialDecay
+
+    x, y = small_data(digits, 128)  # 4 steps per epoch
+    sched = PolynomialDecay(0.0, 0.5, begin_step=0, end_step=8, frequency=2)
+    pruned = compiled(prune_channels(kr.digits_cnn(width=8), pruning_schedule=sched))
+    pruned.fit(x, y, epochs=3, batch_size=32, verbose=0,
+               callbacks=[UpdatePruningStep(), PruningSummaries(tmp_path, update_freq=2)])
+    scalars = read_scalars(tmp_path / "pruning")
+    layers = {t.split("/")[-1] for t in scalars if t.startswith("pruning/channel_sparsity/")}
+    assert layers == {"conv1", "conv2", "conv3", "fc1", "probs"}  # the layers writing channels
+    steps = [s for s, _ in scalars["pruning/target_sparsity"]]
+    assert steps == [2, 4, 4, 6, 8, 8, 10, 12, 12]  # every 2 steps, and at each epoch end
+    for step, value in scalars["pruning/target_sparsity"]:
+        assert value == pytest.approx(sched.sparsity(step), abs=1e-6)
+    final = channel_sparsity(pruned)
+    assert scalars["pruning/channel_sparsity/conv2"][-1] == (12, pytest.approx(0.5))
+    assert scalars["pruning/channel_sparsity/probs"][-1][1] == 0.0
+    assert scalars["pruning/channel_sparsity_total"][-1][1] == pytest.approx(final["total"])
+    assert 0.4 < final["total"] < 0.5  # the output layer keeps its 10 channels
+    totals = [v for _, v in scalars["pruning/channel_sparsity_total"]]
+    assert totals == sorted(totals) and totals[0] < totals[-1]
+    with pytest.raises(InvalidArgumentError, match="update_freq"):
+        PruningSummaries(tmp_path, update_freq="batch")
