@@ -463,8 +463,22 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.required or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0 and action.default is False:  # a switch
+            return text + " (default: off)"
+        if action.default is None:
+            return text + " (default: none)"
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = _Parser(
         prog="keras-rebuild", formatter_class=fmt,
         description="Prune whole channels of Keras models, rebuild them smaller, recover accuracy, "
@@ -473,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"keras-rebuild {_version()}")
     verbose_help = "show progress and TensorFlow's own log lines"
     parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    parser.set_defaults(verbose=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     def command(name, help_):
@@ -529,9 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy (or .npz with x) of representative inputs; needed for --quantize int8")
     p.add_argument("--int8-io", action="store_true",
                    help="int8 input and output tensors (with --quantize int8); prints their scale and zero point")
-    p.add_argument("--atol", type=_non_negative, default=None, help="verification tolerance (default per mode)")
+    p.add_argument("--atol", type=_non_negative, default=None,
+                   help="absolute verification tolerance (default: per mode, 1e-6 for float32)")
     p.add_argument("--rtol", type=_non_negative, default=None,
-                   help="verification tolerance relative to the output scale (default per mode)")
+                   help="verification tolerance relative to the output scale (default: per mode, 1e-4 for float32)")
     p.add_argument("--no-verify", action="store_true", help="skip comparing LiteRT with Keras")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(func=cmd_export)

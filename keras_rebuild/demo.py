@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``keras-rebuild demo``."""
     parser = argparse.ArgumentParser(
         prog="keras-rebuild demo",
-        description="Train a digits CNN, prune 60%% of its channels, rebuild, recover with distillation, "
+        description="Train a digits CNN, prune 60% of its channels, rebuild, recover with distillation, "
                     "export float32/int8 TFLite, and print a before/after table. Downloads nothing.",
     )
     parser.add_argument("-o", "--output-dir", default=None,
@@ -243,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=25, help="training epochs of the dense model (default 25)")
     parser.add_argument("--sparsity", type=float, default=0.6, help="fraction of channels to remove (default 0.6)")
     parser.add_argument("--quick", action="store_true", help="fewer epochs and timing runs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--force", action="store_true", help="overwrite the demo's files in --output-dir")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the table")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show TensorFlow's own log lines (hidden by default)")
     return parser
 
 
