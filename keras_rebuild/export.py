@@ -745,7 +745,7 @@ def _float32_config(value):
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            if k == "dtype" and (v in _LOW_PRECISION or (
+            if k == "dtype" and ((isinstance(v, str) and v in _LOW_PRECISION) or (
                     isinstance(v, dict) and isinstance(v.get("config"), dict)
                     and v["config"].get("name") in _LOW_PRECISION)):
                 out[k] = "float32"

@@ -4,6 +4,8 @@ Every error asserted here is a keras_rebuild exception whose message names
 what was wrong and contains "Received". Every "supported" case checks that the
 rebuilt model computes exactly what the model it was given computes.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -498,3 +500,116 @@ def test_prune_channels_with_ignore_keeps_that_group_whole_and_rebuild_is_exact(
     assert layers["c1"].out_after == 4
     assert layers["c2"].out_after == 8
     assert_models_close(wrappers.strip_pruning(pruned), small, tol=1e-5)
+
+
+# ---------------------------------------------------------------------------- export_tflite inputs (issue 12)
+def small_conv():
+    inp = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 3, activation="relu", name="c1")(inp)
+    return keras.Model(inp, L.Dense(3, name="d")(L.Flatten()(x)))
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan], ids=["inf", "nan"])
+def test_export_int8_with_non_finite_calibration_data_raises_our_error_not_a_crash(tmp_path, bad):
+    x = np.random.default_rng(0).random((8, 6, 6, 2), dtype=np.float32)
+    x[3, 1, 1, 0] = bad
+    with pytest.raises(InvalidArgumentError) as excinfo:
+        kr.export_tflite(small_conv(), tmp_path / "m.tflite", quantize="int8", representative_data=x)
+    assert_our_error(excinfo, "NaN" if np.isnan(bad) else "Inf", "representative_data")
+    assert not (tmp_path / "m.tflite").exists()
+
+
+def test_export_int8_of_a_model_with_integer_inputs_keeps_their_dtype(tmp_path):
+    inp = keras.Input((5,), dtype="int32")
+    x = L.Flatten()(L.Embedding(20, 4)(inp))
+    model = keras.Model(inp, L.Dense(3)(x))
+    ids = np.random.default_rng(0).integers(0, 20, size=(16, 5)).astype("int32")
+    result = kr.export_tflite(model, quantize="int8", representative_data=ids)
+    assert result.verification.passed
+
+
+@pytest.mark.parametrize("arg", ["num_calibration_samples", "num_verify_samples"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_export_rejects_non_positive_sample_counts(arg, value):
+    x = np.random.default_rng(0).random((8, 6, 6, 2), dtype=np.float32)
+    with pytest.raises(InvalidArgumentError) as excinfo:
+        kr.export_tflite(small_conv(), quantize="int8", representative_data=x, **{arg: value})
+    assert_our_error(excinfo, arg)
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 6, 3), (8, 5, 6, 2), (8, 7, 7, 2)])
+def test_export_rejects_data_of_the_right_rank_but_wrong_sizes(shape):
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    with pytest.raises(InvalidArgumentError) as excinfo:
+        kr.export_tflite(small_conv(), quantize="int8", representative_data=x)
+    assert_our_error(excinfo, "(batch, 6, 6, 2)", str(shape))
+    with pytest.raises(InvalidArgumentError) as excinfo:
+        kr.export_tflite(small_conv(), sample_inputs=x)
+    assert_our_error(excinfo, "sample_inputs")
+
+
+@pytest.mark.parametrize("path, error", [("", InvalidArgumentError), (b"m.tflite", TypeError)],
+                         ids=["empty", "bytes"])
+def test_export_rejects_empty_and_bytes_paths_without_writing(tmp_path, monkeypatch, path, error):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error) as excinfo:
+        kr.export_tflite(small_conv(), path)
+    assert_our_error(excinfo, "path")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("data", [np.array([["a"] * 72] * 2).reshape(2, 6, 6, 2),
+                                  np.ones((2, 6, 6, 2), np.complex64)], ids=["strings", "complex"])
+def test_export_rejects_string_and_complex_data(data):
+    with pytest.raises(TypeError) as excinfo:
+        kr.export_tflite(small_conv(), quantize="int8", representative_data=data)
+    assert_our_error(excinfo, "representative_data")
+
+
+def test_benchmark_of_bytes_that_are_not_a_flatbuffer_raises_our_error():
+    with pytest.raises(InvalidArgumentError) as excinfo:
+        kr.benchmark_tflite(b"not a flatbuffer at all")
+    assert_our_error(excinfo, "TFLite")
+
+
+@pytest.mark.parametrize("policy", ["float16", "mixed_float16", "bfloat16"])
+def test_export_of_a_low_precision_model_is_float32_and_verified(policy):
+    inp = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 3, dtype=policy, name="c1")(inp)
+    x = L.Flatten(dtype=policy)(x)
+    model = keras.Model(inp, L.Dense(3, dtype="float32", name="d")(x))
+    result = kr.export_tflite(model)
+    assert result.verification.passed and result.quantize == "float32"
+
+
+def test_export_of_a_built_trained_subclassed_model(tmp_path):
+    model = TwoDense()
+    model.compile("adam", "mse")
+    model.fit(np.zeros((8, 4), "float32"), np.zeros((8, 2), "float32"), epochs=1, verbose=0)
+    result = kr.export_tflite(model, tmp_path / "sub.tflite")
+    assert result.verification.passed and result.size_bytes > 0
+
+
+def test_export_of_an_uncalled_subclassed_model_says_to_call_it():
+    with pytest.raises(NotAModelError) as excinfo:
+        kr.export_tflite(TwoDense())
+    assert_our_error(excinfo, "called", "subclassed")
+
+
+def test_nan_weights_are_reported_as_such_not_as_a_tolerance_problem():
+    model = small_conv()
+    w = model.get_layer("d").get_weights()
+    w[0][0, 0] = np.nan
+    model.get_layer("d").set_weights(w)
+    with pytest.raises(KerasRebuildError) as excinfo:
+        kr.export_tflite(model)
+    assert "NaN" in str(excinfo.value) and "raise `atol`" not in str(excinfo.value)
+
+
+def test_int8_io_export_reports_scale_and_zero_point():
+    x = np.random.default_rng(0).random((16, 6, 6, 2), dtype=np.float32)
+    result = kr.export_tflite(small_conv(), quantize="int8", representative_data=x, int8_io=True)
+    assert result.inputs[0]["dtype"] == "int8" and result.inputs[0]["scale"] > 0
+    assert isinstance(result.outputs[0]["zero_point"], int)
+    assert "zero point" in result.summary()
+
