@@ -238,11 +238,9 @@ def test_cli_hides_tensorflow_log_lines_unless_verbose(model_file):
     quiet = subprocess.run([sys.executable, "-c", code, "inspect", model_file], cwd=repo, env=env,
                            capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0, quiet.stderr
+    # Device initialisation (cuInit) happens inside main's quiet block; lines printed while the package
+    # itself imports TensorFlow come before main runs and go once keras_rebuild/__init__ imports lazily.
     assert "cuInit" not in quiet.stderr and "XNNPACK" not in quiet.stderr
-    import re
-
-    after_import = quiet.stderr  # lines printed at TensorFlow import come before main() runs
-    assert not re.search(r"^[IWE]\d{4} .*(cuda_platform|cpu_feature_guard)", after_import, re.M) or True
 
 
 # ---------------------------------------------------------------------------- issue 12, item 15: one line, exit 2
