@@ -94,7 +94,7 @@ class Analysis:
         n = graph.num_elements
         self.weights: Dict[str, List[np.ndarray]] = {}
         for path, layer in graph.iter_layers():
-            self.weights[path] = weights[path] if weights and path in weights else layer.get_weights()
+            self.weights[path] = weights[path] if weights and path in weights else _layer_weights(layer)
             if check_weights:
                 _check_finite(path, layer, self.weights[path])
         self._edges_a: List[np.ndarray] = []
@@ -318,8 +318,13 @@ class Analysis:
         return _table(rows)
 
 
+def _layer_weights(layer) -> List[np.ndarray]:
+    """The numpy weights of a layer; a plain operation (Keras 3 ``x + y``) has none."""
+    return layer.get_weights() if hasattr(layer, "get_weights") else []
+
+
 def _check_finite(path, layer, weights):
-    for w, var in zip(weights, layer.weights):
+    for w, var in zip(weights, getattr(layer, "weights", ())):
         if np.issubdtype(np.asarray(w).dtype, np.floating) and not np.isfinite(w).all():
             bad = int(np.size(w) - np.isfinite(w).sum())
             raise InvalidWeightsError(

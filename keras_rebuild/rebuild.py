@@ -166,6 +166,11 @@ def rebuild(model, plan=None, *, return_report: bool = False):
     """
     backend = check_model(model)
     plan = _check_plan(plan)
+    with backend.scope():
+        return _rebuild(backend, model, plan, return_report)
+
+
+def _rebuild(backend, model, plan, return_report):
     source = backend.strip_wrappers(model)
     analysis = Analysis(source)
     dead_beyond = {}

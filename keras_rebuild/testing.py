@@ -32,11 +32,31 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keras_rebuild._compat import keras
+from keras_rebuild.backends import backend_for
 from keras_rebuild.graph import is_graph_model
 
+FLAVOUR_VARIABLE = "KERAS_REBUILD_FLAVOUR"
+
+
+def flavour_keras(flavour: Optional[str] = None):
+    """The Keras module of a flavour: ``keras`` (Keras 3) or ``tf_keras``.
+
+    Args:
+        flavour: ``"keras3"`` or ``"tf_keras"``; by default the
+            ``KERAS_REBUILD_FLAVOUR`` environment variable, else ``"keras3"``.
+            keras_rebuild's own test suite runs once per flavour (and per
+            Keras 3 backend) with that variable set.
+    """
+    import os
+
+    flavour = flavour or os.environ.get(FLAVOUR_VARIABLE, "keras3")
+    from keras_rebuild.data import _keras
+
+    return _keras(flavour)
+
 __all__ = [
-    "weights_digest", "random_inputs", "predict", "max_relative_error", "assert_models_close",
+    "flavour_keras", "weights_digest", "random_inputs", "predict", "max_relative_error", "assert_models_close",
+    "assert_outputs_close",
     "graph_specs", "build_model", "randomize_weights", "describe_spec",
     "zero_random_components", "expected_channels", "layer_channels",
 ]
@@ -75,11 +95,13 @@ def random_inputs(model, batch: int = 4, seed: int = 0):
         One array for a single-input model, else a list of arrays.
     """
     rng = np.random.default_rng(seed)
+    backend = backend_for(model)
     xs = []
-    for t in model.inputs:
-        shape = [batch] + [d if d is not None else 8 for d in t.shape[1:]]
-        if t.dtype.is_integer:
-            xs.append(rng.integers(0, 10, size=shape).astype(t.dtype.as_numpy_dtype))
+    for t in backend.model_inputs(model):
+        shape, dtype, _ = backend.tensor_info(t)
+        shape = [batch] + [d if d is not None else 8 for d in shape[1:]]
+        if "int" in dtype:
+            xs.append(rng.integers(0, 10, size=shape).astype(dtype))
         else:
             xs.append(rng.normal(size=shape).astype("float32"))
     return xs if len(xs) > 1 else xs[0]
@@ -92,7 +114,8 @@ def predict(model, x) -> List[np.ndarray]:
         out = [out[k] for k in sorted(out)]
     elif not isinstance(out, (list, tuple)):
         out = [out]
-    return [np.asarray(o, dtype=np.float64) for o in out]
+    to_numpy = backend_for(model).to_numpy
+    return [np.asarray(to_numpy(o), dtype=np.float64) for o in out]
 
 
 def max_relative_error(a, b, x=None) -> float:
@@ -127,6 +150,21 @@ def assert_models_close(a, b, x=None, tol: float = 1e-4):
         raise AssertionError(f"models differ: max relative error {err:.3g} > tol {tol:.1g}")
 
 
+def assert_outputs_close(a, b, x=None, atol: float = 1e-4, rtol: float = 1e-4):
+    """Assert two models give the same outputs on ``x`` (random if omitted), elementwise.
+
+    Like ``numpy.testing.assert_allclose`` over every output, after checking
+    that both models have as many outputs of the same shapes.
+    """
+    if x is None:
+        x = random_inputs(a)
+    ya, yb = predict(a, x), predict(b, x)
+    assert len(ya) == len(yb), (len(ya), len(yb))
+    for u, v in zip(ya, yb):
+        assert u.shape == v.shape, (u.shape, v.shape)
+        np.testing.assert_allclose(u, v, atol=atol, rtol=rtol)
+
+
 # ----------------------------------------------------------------------------- channels
 def layer_channels(model) -> Dict[str, Tuple[int, int]]:
     """Per layer path with weights: ``(in_channels, out_channels)`` of its first call."""
@@ -136,7 +174,7 @@ def layer_channels(model) -> Dict[str, Tuple[int, int]]:
     out = {}
     for path, layer in g.iter_layers():
         op = g.first_op(path)  # a plain layer's calls are all of kind "layer"
-        if op is None or not layer.weights:
+        if op is None or not getattr(layer, "weights", None):
             continue
         c_in = g.tensors[op.inputs[0]].channels if op.inputs else 0
         c_out = g.tensors[op.outputs[0]].channels if op.outputs else 0
@@ -197,18 +235,7 @@ def _zero_writers(model, analysis, remove):
             mask_array(w, roles, keep_in, keep_out, m) if maskable else w
             for w, roles, maskable in zip(analysis.weights[path], handler.weight_roles(layer), handler.maskable(layer))
         ]
-    clone = keras.models.clone_model(model)
-
-    def assign(new_model, old_model, prefix):
-        for new, old in zip(new_model.layers, old_model.layers):
-            path = prefix + old.name
-            if is_graph_model(old):
-                assign(new, old, path + "/")
-            elif old.weights:
-                new.set_weights(weights.get(path, old.get_weights()))
-
-    assign(clone, model, "")
-    return clone
+    return analysis.graph.backend.clone_with_weights(model, weights)
 
 
 def masks_layer_keep(analysis, remove):
@@ -241,7 +268,7 @@ def expected_channels(analysis, remove) -> Dict[str, Tuple[int, int]]:
     out = {}
     for path, layer in g.iter_layers():
         op = g.first_op(path)  # a plain layer's calls are all of kind "layer"
-        if op is None or not layer.weights:
+        if op is None or not getattr(layer, "weights", None):
             continue
         k_in = len(kept[op.inputs[0]]) if op.inputs else 0
         k_out = len(kept[op.outputs[0]]) if op.outputs else 0
@@ -498,17 +525,21 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
                 add("nested", dict(spec=sub, call=1, first=first), [same[-1]], out_shape)
 
 
-def build_model(spec: dict, seed: int = 0, name: str = "fuzz"):
+def build_model(spec: dict, seed: int = 0, name: str = "fuzz", keras=None):
     """Build a functional model from a :func:`graph_specs` spec, with random weights.
 
     Args:
         spec: A spec drawn from :func:`graph_specs`.
         seed: Seed of :func:`randomize_weights`.
         name: Model name.
+        keras: The Keras module to build with (``keras`` or ``tf_keras``);
+            :func:`flavour_keras` by default. The same spec gives the same
+            graph in either flavour.
 
     Returns:
         A ``keras.Model``.
     """
+    keras = keras or flavour_keras()
     L = keras.layers
     inputs = [keras.Input(shape=s, name=f"in{i}") for i, s in enumerate(spec["inputs"])]
     tensors = list(inputs)
@@ -574,7 +605,7 @@ def build_model(spec: dict, seed: int = 0, name: str = "fuzz"):
             y = L.Flatten(name=uname("flatten"))(x)
         elif kind == "nested":
             if p["call"] == 0:
-                sub = build_model(p["spec"], seed=seed + 1, name=uname("block"))
+                sub = build_model(p["spec"], seed=seed + 1, name=uname("block"), keras=keras)
                 nested_models[len(tensors)] = sub
             else:
                 sub = nested_models[p["first"]]
@@ -617,7 +648,7 @@ def randomize_weights(model, seed: int = 0):
                     v = rng.normal(0.0, 0.3, w.shape)
                 else:
                     fan_in = max(1, int(np.prod(w.shape[:-1])))
-                    if isinstance(layer, (keras.layers.DepthwiseConv2D,)) or "depthwise" in name:
+                    if type(layer).__name__ == "DepthwiseConv2D" or "depthwise" in name:
                         fan_in = max(1, int(np.prod(w.shape[:-2])))
                     v = rng.normal(0.0, 1.0 / np.sqrt(fan_in), w.shape)
                 new.append(v.astype(w.dtype))

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import weights_digest
-from keras_rebuild._compat import keras
+from keras_rebuild.testing import flavour_keras, weights_digest
 from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError
 from keras_rebuild.groups import Analysis
 from keras_rebuild.importance import (
@@ -14,6 +13,8 @@ from keras_rebuild.importance import (
     get_criterion,
 )
 from keras_rebuild.plan import select_remove
+
+keras = flavour_keras()
 
 L = keras.layers
 DEAD = 5  # the channel of conv1 whose output is forced to zero

@@ -196,13 +196,37 @@ def loss_value(fn, y, preds):
 
 
 def activations_and_gradients(probe, x, n_acts, loss_of_preds):
-    """Gradients of the loss with respect to activations (tf_keras only for now)."""
+    """The first ``n_acts`` outputs of ``probe`` on ``x`` and the loss gradients with respect to them.
+
+    Measured with the backend's own autodiff on TensorFlow and torch; JAX
+    differentiates functions, not intermediate tensors, so it is refused.
+    """
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            outs = probe(x, training=False)
+            acts = outs[:n_acts]
+            loss = loss_of_preds(outs[n_acts:])
+        grads = tape.gradient(loss, acts, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return acts, [np.asarray(g) for g in grads]
+    if name == "torch":
+        import torch
+
+        outs = probe(x, training=False)
+        acts = list(outs[:n_acts])
+        loss = loss_of_preds(outs[n_acts:])
+        grads = torch.autograd.grad(loss, acts, allow_unused=True)
+        grads = [np.zeros(tuple(a.shape), np.float32) if g is None else g.detach().cpu().numpy()
+                 for a, g in zip(acts, grads)]
+        return [a.detach() for a in acts], grads
     from keras_rebuild.errors import UnsupportedModelError
 
     raise UnsupportedModelError(
-        "Expected a tf_keras model for the 'taylor' criterion: its gradients are not yet measured on "
-        f"Keras 3. Use criterion='l1', 'l2', 'bn_scale', 'activation' or 'apoz'. Received: a Keras 3 model "
-        f"on the {keras.backend.backend()} backend"
+        "Expected the TensorFlow or torch backend for the 'taylor' criterion: it needs gradients with respect "
+        "to activations, which JAX does not expose. Use criterion='l1', 'l2', 'bn_scale', 'activation' or "
+        f"'apoz'. Received: a Keras 3 model on the {name} backend"
     )
 
 
@@ -216,6 +240,30 @@ def strip_wrappers(model):
 
 
 # ----------------------------------------------------------------------------- rebuild
+@contextlib.contextmanager
+def scope():
+    """Keep TensorFlow unloaded while configs are serialised, when nothing has loaded it yet.
+
+    Keras' ``serialize_keras_object`` asks its lazy ``tensorflow`` module
+    whether an object is a ``tf.TensorShape``, which imports TensorFlow on
+    every backend. No object can be a TensorFlow type before TensorFlow is
+    imported, so while it is not, the lazy module may say "not available"
+    without changing any result; its state is restored afterwards.
+    """
+    import sys
+
+    lazy = getattr(serialization_lib, "tf", None)
+    if "tensorflow" in sys.modules or lazy is None or not hasattr(lazy, "_available") or lazy._available:
+        yield
+        return
+    saved = lazy._available
+    lazy._available = False
+    try:
+        yield
+    finally:
+        lazy._available = saved
+
+
 class _Rebuilder:
     """Re-runs a model's graph, giving every layer a new instance from its (new) config."""
 
@@ -295,11 +343,12 @@ def set_weights(model, new_weights, prefix=""):
 
 def clone_with_weights(model, weights):
     """A clone of ``model`` (same architecture) whose layers get ``weights[path]`` where given."""
-    new, _ = build(model, {}, {})
-    full = {}
-    _collect(model, full, "")
-    full.update(weights)
-    set_weights(new, full)
+    with scope():
+        new, _ = build(model, {}, {})
+        full = {}
+        _collect(model, full, "")
+        full.update(weights)
+        set_weights(new, full)
     return new
 
 

@@ -202,6 +202,11 @@ def strip_wrappers(model):
 
 
 # ----------------------------------------------------------------------------- rebuild
+def scope():
+    """Context of a rebuild (nothing to set up for tf_keras)."""
+    return contextlib.nullcontext()
+
+
 def build(model, new_configs, input_shapes):
     """A new model from ``model``'s config with the layer configs of ``new_configs`` swapped in.
 

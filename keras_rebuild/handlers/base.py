@@ -113,11 +113,11 @@ class LayerHandler:
         ``"in*m"`` (input channel expanded by the depth multiplier, as in the
         pointwise kernel of a separable conv). Axes not listed are untouched.
         """
-        return [{} for _ in layer.weights]
+        return [{} for _ in getattr(layer, "weights", ())]
 
     def maskable(self, layer) -> List[bool]:
         """Per weight: whether pruning masks it (BN moving statistics are not)."""
-        return [True for _ in layer.weights]
+        return [True for _ in getattr(layer, "weights", ())]
 
     def depth_multiplier(self, layer) -> int:
         return 1
