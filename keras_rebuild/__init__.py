@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _EXPORTS = {
-    "errors": None, "handlers": None, "backends": None,
+    "errors": None, "handlers": None, "backends": None, "schedules": None, "testing": None,
     "digits_cnn": "data", "load_digits": "data",
     "Analysis": "groups", "ChannelGroup": "groups",
     "register_handler": "handlers",
@@ -33,7 +33,7 @@ _EXPORTS = {
     "CompressionReport": "compress", "compress": "compress",
     "StructuredPruningWrapper": "wrappers", "UpdatePruningStep": "wrappers",
     "prune_channels": "wrappers", "strip_pruning": "wrappers",
-    "ConstantSparsity": "schedules", "PolynomialDecay": "schedules",
+    "ConstantSparsity": "schedules", "PolynomialDecay": "schedules", "PruningSummaries": "callbacks",
     "BenchmarkResult": "export", "ExportResult": "export", "LatencyComparison": "export",
     "VerificationResult": "export", "benchmark_tflite": "export", "compare_latency": "export",
     "export_tflite": "export", "run_tflite": "export",

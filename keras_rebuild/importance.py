@@ -538,7 +538,7 @@ class Taylor(DataCriterion):
         if self.loss is not None:
             return backend.keras.losses.get(self.loss)
         for m in (self.model, model):
-            compiled = backend.compiled_loss(m) if m is not None else None
+            compiled = backend.loss_of(m) if m is not None else None
             if compiled is not None:
                 return compiled
         raise InvalidArgumentError(

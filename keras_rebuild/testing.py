@@ -640,7 +640,7 @@ def randomize_weights(model, seed: int = 0):
             names = [v.name.split("/")[-1].split(":")[0] for v in layer.weights]
             new = []
             for name, w in zip(names, ws):
-                if "moving_variance" in name:
+                if "variance" in name:
                     v = rng.uniform(0.5, 1.5, w.shape)
                 elif "gamma" in name:
                     v = rng.uniform(0.5, 1.5, w.shape) * rng.choice([-1.0, 1.0], w.shape)

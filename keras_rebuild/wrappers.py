@@ -50,6 +50,7 @@ import numpy as np
 
 from keras_rebuild import schedules as _schedules
 from keras_rebuild._compat import keras, register_serializable, tf
+from keras_rebuild.backends import tf_keras as _tf_keras_backend
 from keras_rebuild.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
@@ -249,11 +250,11 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
             # Count training steps in the graph, as tfmot does: no host round trip per batch.
             self.pruning_step.assign_add(1)
         inner = self.layer
-        spec = getattr(inner, "_call_spec", None)
+        expects_mask, expects_training = _tf_keras_backend.call_arguments(inner)
         kw = dict(kwargs)
-        if spec is not None and not spec.expects_mask_arg:
+        if not expects_mask:
             kw.pop("mask", None)
-        if spec is None or spec.expects_training_arg:
+        if expects_training:
             kw["training"] = training
         masked = [(names, self._masked(var, roles)) for var, names, roles in self._masking]
         try:

@@ -184,7 +184,7 @@ def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
-def compiled_loss(model):
+def loss_of(model):
     """The loss ``model`` was compiled with, or None."""
     return getattr(model, "loss", None) or None
 
@@ -338,7 +338,16 @@ def set_weights(model, new_weights, prefix=""):
             continue
         w = new_weights.get(path)
         if w:
-            layer.set_weights(w)
+            _set_layer_weights(layer, w)
+
+
+def _set_layer_weights(layer, weights):
+    layer.set_weights(weights)
+    # Preprocessing layers (Normalization...) compute from their variables only after finalize_state(),
+    # which Keras' loader calls but set_weights() does not.
+    finalize = getattr(layer, "finalize_state", None)
+    if callable(finalize):
+        finalize()
 
 
 def clone_with_weights(model, weights):

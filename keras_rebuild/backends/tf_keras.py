@@ -147,6 +147,14 @@ def probe_zero(op) -> bool:
     return all(bool(np.all(np.asarray(o) == 0)) for o in tf.nest.flatten(out))
 
 
+def call_arguments(layer):
+    """``(expects_mask, expects_training)``: which of these keywords ``layer.call`` takes."""
+    spec = getattr(layer, "_call_spec", None)
+    if spec is None:
+        return True, True
+    return bool(spec.expects_mask_arg), bool(spec.expects_training_arg)
+
+
 def nested_inputs(sub):
     """``[(tensor, input layer name), ...]`` of a nested model."""
     return list(zip(sub.inputs, [layer.name for layer in sub._input_layers]))
@@ -156,7 +164,7 @@ def to_numpy(x):
     return np.asarray(x)
 
 
-def compiled_loss(model):
+def loss_of(model):
     """The loss ``model`` was compiled with, or None."""
     compiled = getattr(model, "compiled_loss", None)
     return compiled if compiled is not None and getattr(model, "loss", None) is not None else None
