@@ -11,7 +11,6 @@ import pytest
 
 import keras_rebuild as kr
 from keras_rebuild import masks
-from keras_rebuild._compat import keras
 from keras_rebuild.errors import (
     InvalidArgumentError,
     InvalidWeightsError,
@@ -20,7 +19,9 @@ from keras_rebuild.errors import (
     UnsupportedModelError,
 )
 from keras_rebuild.groups import Analysis
-from keras_rebuild.testing import assert_models_close, layer_channels, random_inputs
+from keras_rebuild.testing import assert_models_close, flavour_keras, layer_channels, random_inputs
+
+keras = flavour_keras()
 
 L = keras.layers
 
@@ -96,15 +97,10 @@ def test_zero_channels_of_a_non_model_raises_not_a_model_error():
     assert_our_error(excinfo, "ndarray")
 
 
-def test_keras3_model_raises_not_a_model_error_pointing_at_tf_keras():
-    keras3 = pytest.importorskip("keras")
-    if keras3.__version__.startswith("2."):
-        pytest.skip("`keras` is Keras 2 here")
-    inp = keras3.Input((4,))
-    model = keras3.Model(inp, keras3.layers.Dense(2)(inp))
+def test_a_keras_layer_given_as_the_model_raises_not_a_model_error():
     with pytest.raises(NotAModelError) as excinfo:
-        kr.rebuild(model)
-    assert_our_error(excinfo, "Keras 3", "tf_keras")
+        kr.rebuild(L.Dense(2))
+    assert_our_error(excinfo, "Functional or Sequential", "Dense")
 
 
 @pytest.mark.parametrize("fn", [kr.rebuild, kr.analyze], ids=["rebuild", "analyze"])
@@ -412,7 +408,9 @@ def test_shared_dense_layer_called_on_two_inputs_prunes_once_and_stays_exact():
 # ---------------------------------------------------------------------------- prune_channels arguments
 @pytest.fixture
 def wrappers():
-    return pytest.importorskip("keras_rebuild.wrappers")
+    from keras_rebuild import wrappers
+
+    return wrappers
 
 
 def small_cnn():
@@ -425,6 +423,7 @@ def small_cnn():
     return keras.Model(inp, L.Dense(3, name="head")(x))
 
 
+@pytest.mark.tf_keras_only
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan")])
 def test_prune_channels_rejects_sparsity_outside_unit_interval(wrappers, sparsity):
     with pytest.raises(InvalidArgumentError) as excinfo:
@@ -432,6 +431,7 @@ def test_prune_channels_rejects_sparsity_outside_unit_interval(wrappers, sparsit
     assert_our_error(excinfo, "sparsity", "[0, 1)")
 
 
+@pytest.mark.tf_keras_only
 @pytest.mark.parametrize("sparsity", ["half", [0.5]], ids=["string", "list"])
 def test_prune_channels_rejects_sparsity_of_the_wrong_type(wrappers, sparsity):
     with pytest.raises(KerasRebuildError) as excinfo:
@@ -459,12 +459,14 @@ class OvershootingSchedule:
 
 @pytest.mark.parametrize("schedule", [OvershootingSchedule(), OvershootingSchedule(final_sparsity=1.0)],
                          ids=["ramps_to_1.2", "final_sparsity_1.0"])
+@pytest.mark.tf_keras_only
 def test_prune_channels_rejects_schedule_that_reaches_full_sparsity(wrappers, schedule):
     with pytest.raises(InvalidArgumentError) as excinfo:
         wrappers.prune_channels(small_cnn(), pruning_schedule=schedule)
     assert_our_error(excinfo, "final_sparsity", "OvershootingSchedule")
 
 
+@pytest.mark.tf_keras_only
 def test_prune_channels_rejects_a_schedule_that_is_not_callable(wrappers):
     with pytest.raises(KerasRebuildError) as excinfo:
         wrappers.prune_channels(small_cnn(), pruning_schedule=0.5)
@@ -472,12 +474,14 @@ def test_prune_channels_rejects_a_schedule_that_is_not_callable(wrappers):
     assert_our_error(excinfo, "pruning_schedule")
 
 
+@pytest.mark.tf_keras_only
 def test_prune_channels_rejects_ignore_naming_a_missing_layer(wrappers):
     with pytest.raises(InvalidArgumentError) as excinfo:
         wrappers.prune_channels(small_cnn(), sparsity=0.5, ignore=["c1", "no_such_layer"])
     assert_our_error(excinfo, "ignore", "no_such_layer")
 
 
+@pytest.mark.tf_keras_only
 def test_prune_channels_of_a_subclassed_model_raises_unsupported_model_error(wrappers):
     model = TwoDense()
     model(np.zeros((1, 4), "float32"))
@@ -486,12 +490,14 @@ def test_prune_channels_of_a_subclassed_model_raises_unsupported_model_error(wra
     assert_our_error(excinfo, "TwoDense")
 
 
+@pytest.mark.tf_keras_only
 def test_prune_channels_of_a_non_model_raises_not_a_model_error(wrappers):
     with pytest.raises(NotAModelError) as excinfo:
         wrappers.prune_channels("model.keras", sparsity=0.5)
     assert_our_error(excinfo, "str")
 
 
+@pytest.mark.tf_keras_only
 def test_prune_channels_with_ignore_keeps_that_group_whole_and_rebuild_is_exact(wrappers):
     model = small_cnn()
     # `head` reads c2's channels, so c2's group stays whole; c1's group is pruned.
@@ -509,6 +515,7 @@ def small_conv():
     return keras.Model(inp, L.Dense(3, name="d")(L.Flatten()(x)))
 
 
+@pytest.mark.tf_keras_only
 @pytest.mark.parametrize("bad", [np.inf, np.nan], ids=["inf", "nan"])
 def test_export_int8_with_non_finite_calibration_data_raises_our_error_not_a_crash(tmp_path, bad):
     x = np.random.default_rng(0).random((8, 6, 6, 2), dtype=np.float32)
@@ -519,6 +526,7 @@ def test_export_int8_with_non_finite_calibration_data_raises_our_error_not_a_cra
     assert not (tmp_path / "m.tflite").exists()
 
 
+@pytest.mark.tf_keras_only
 def test_export_int8_of_a_model_with_integer_inputs_keeps_their_dtype(tmp_path):
     inp = keras.Input((5,), dtype="int32")
     x = L.Flatten()(L.Embedding(20, 4)(inp))
@@ -528,6 +536,7 @@ def test_export_int8_of_a_model_with_integer_inputs_keeps_their_dtype(tmp_path):
     assert result.verification.passed
 
 
+@pytest.mark.tf_keras_only
 @pytest.mark.parametrize("arg", ["num_calibration_samples", "num_verify_samples"])
 @pytest.mark.parametrize("value", [0, -1])
 def test_export_rejects_non_positive_sample_counts(arg, value):
@@ -537,6 +546,7 @@ def test_export_rejects_non_positive_sample_counts(arg, value):
     assert_our_error(excinfo, arg)
 
 
+@pytest.mark.tf_keras_only
 @pytest.mark.parametrize("shape", [(8, 6, 6, 3), (8, 5, 6, 2), (8, 7, 7, 2)])
 def test_export_rejects_data_of_the_right_rank_but_wrong_sizes(shape):
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
@@ -550,6 +560,7 @@ def test_export_rejects_data_of_the_right_rank_but_wrong_sizes(shape):
 
 @pytest.mark.parametrize("path, error", [("", InvalidArgumentError), (b"m.tflite", TypeError)],
                          ids=["empty", "bytes"])
+@pytest.mark.tf_keras_only
 def test_export_rejects_empty_and_bytes_paths_without_writing(tmp_path, monkeypatch, path, error):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(error) as excinfo:
@@ -560,18 +571,21 @@ def test_export_rejects_empty_and_bytes_paths_without_writing(tmp_path, monkeypa
 
 @pytest.mark.parametrize("data", [np.array([["a"] * 72] * 2).reshape(2, 6, 6, 2),
                                   np.ones((2, 6, 6, 2), np.complex64)], ids=["strings", "complex"])
+@pytest.mark.tf_keras_only
 def test_export_rejects_string_and_complex_data(data):
     with pytest.raises(TypeError) as excinfo:
         kr.export_tflite(small_conv(), quantize="int8", representative_data=data)
     assert_our_error(excinfo, "representative_data")
 
 
+@pytest.mark.tf_keras_only
 def test_benchmark_of_bytes_that_are_not_a_flatbuffer_raises_our_error():
     with pytest.raises(InvalidArgumentError) as excinfo:
         kr.benchmark_tflite(b"not a flatbuffer at all")
     assert_our_error(excinfo, "TFLite")
 
 
+@pytest.mark.tf_keras_only
 @pytest.mark.parametrize("policy", ["float16", "mixed_float16", "bfloat16"])
 def test_export_of_a_low_precision_model_is_float32_and_verified(policy):
     inp = keras.Input((6, 6, 2))
@@ -582,6 +596,7 @@ def test_export_of_a_low_precision_model_is_float32_and_verified(policy):
     assert result.verification.passed and result.quantize == "float32"
 
 
+@pytest.mark.tf_keras_only
 def test_export_of_a_built_trained_subclassed_model(tmp_path):
     model = TwoDense()
     model.compile("adam", "mse")
@@ -590,12 +605,14 @@ def test_export_of_a_built_trained_subclassed_model(tmp_path):
     assert result.verification.passed and result.size_bytes > 0
 
 
+@pytest.mark.tf_keras_only
 def test_export_of_an_uncalled_subclassed_model_says_to_call_it():
     with pytest.raises(NotAModelError) as excinfo:
         kr.export_tflite(TwoDense())
     assert_our_error(excinfo, "called", "subclassed")
 
 
+@pytest.mark.tf_keras_only
 def test_nan_weights_are_reported_as_such_not_as_a_tolerance_problem():
     model = small_conv()
     w = model.get_layer("d").get_weights()
@@ -606,6 +623,7 @@ def test_nan_weights_are_reported_as_such_not_as_a_tolerance_problem():
     assert "NaN" in str(excinfo.value) and "raise `atol`" not in str(excinfo.value)
 
 
+@pytest.mark.tf_keras_only
 def test_int8_io_export_reports_scale_and_zero_point():
     x = np.random.default_rng(0).random((16, 6, 6, 2), dtype=np.float32)
     result = kr.export_tflite(small_conv(), quantize="int8", representative_data=x, int8_io=True)

@@ -15,10 +15,10 @@ import sys
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("matplotlib")
+import ipykernel  # noqa: E402,F401  (the notebooks' kernel)
+import matplotlib  # noqa: E402,F401  (the notebooks plot)
+import nbclient  # noqa: E402
+import nbformat  # noqa: E402
 
 pytestmark = pytest.mark.notebook
 

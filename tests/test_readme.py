@@ -16,7 +16,7 @@ def _block_after(heading):
 def test_readme_shows_the_two_setup_commands_that_ci_runs():
     text = open(README, encoding="utf-8").read()
     ci = open(os.path.join(os.path.dirname(README), ".ci", "run"), encoding="utf-8").read()
-    test_cmd = 'python -m pip install -e ".[test]" && python -m pytest -n 2'
+    test_cmd = 'python -m pip install -e ".[test]" && python -m tests'
     assert test_cmd in text and test_cmd in ci
     assert 'python -m pip install ".[demo]" && keras-rebuild demo' in text
 
