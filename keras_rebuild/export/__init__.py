@@ -1,9 +1,18 @@
-"""Export Keras models to TFLite, verify them with LiteRT, and time them.
+"""Export Keras models to LiteRT (``.tflite``), verify them, and time them.
 
 ``export_tflite`` converts a model (float32, float16, dynamic-range int8 or full
 int8), runs the result in the LiteRT interpreter on sample inputs and compares
 it with the Keras model before anything is written. ``benchmark_tflite`` and
 ``compare_latency`` measure single-inference latency of ``.tflite`` models.
+
+Both Keras flavours and every Keras 3 backend are served; the pieces live in
+submodules: :mod:`~keras_rebuild.export.convert` (one conversion path per
+flavour/backend), :mod:`~keras_rebuild.export.quantize` (int8 through the
+LiteRT Quantizer), :mod:`~keras_rebuild.export.flatbuffer` (the Flex check,
+float I/O for int8 files). This module holds the LiteRT runner, verification,
+the benchmarks and ``export_tflite`` itself. TensorFlow is imported only by the
+paths that need it (tf_keras models, Keras 3 on the TensorFlow backend, the
+converter's options).
 """
 from __future__ import annotations
 
@@ -13,24 +22,27 @@ import logging
 import os
 import time
 import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from keras_rebuild._compat import keras, tf, tfmot
 from keras_rebuild.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     NotAModelError,
     OutputExistsError,
+    UnsupportedModelError,
     VerificationError,
     received,
 )
+from keras_rebuild.export.flatbuffer import FlexOpError, check_builtin_only
+from keras_rebuild.export.quantize import QuantizerValidation
 from keras_rebuild.io import check_output_path, write_bytes
 
 logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("float32", "float16", "dynamic", "int8")
+INT8_BACKENDS = ("quantizer", "converter")
 
 # Default verification tolerances per quantization mode. A model passes when,
 # for every output, ``max_abs_error <= atol + rtol * output_scale`` where
@@ -113,6 +125,18 @@ class ExportResult:
             quantize its data (``real = scale * (q - zero_point)``); these two
             are ``None`` for float tensors.
         outputs: The same per output tensor.
+        converter: How the file was made: ``"tflite-converter"`` (in this
+            process), ``"litert-torch"`` (Keras' torch export), or either
+            with `` (subprocess, <backend> backend)`` for a model converted
+            in a subprocess (JAX backend).
+        int8_backend: For ``"int8"``: ``"quantizer"`` (the LiteRT Quantizer)
+            or ``"converter"`` (the TFLite converter's own quantization);
+            for ``"dynamic"`` likewise; else ``None``.
+        fallback_reason: Why the quantizer's result was not used and the
+            converter's was, or ``None``.
+        quantizer_validation: The LiteRT Quantizer's per-layer comparison of
+            the quantized and float files (a ``QuantizerValidation``), or
+            ``None``.
         content: The flatbuffer bytes (read from ``path`` when not kept).
     """
 
@@ -124,6 +148,10 @@ class ExportResult:
     verification: Optional[VerificationResult] = None
     inputs: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     outputs: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    converter: str = "tflite-converter"
+    int8_backend: Optional[str] = None
+    fallback_reason: Optional[str] = None
+    quantizer_validation: Optional[QuantizerValidation] = None
     _content: Optional[bytes] = dataclasses.field(default=None, repr=False)
 
     @property
@@ -140,7 +168,12 @@ class ExportResult:
             f"TFLite export ({self.quantize}{', int8 I/O' if self.int8_io else ''})",
             f"  path:    {self.path if self.path else '(in memory)'}",
             f"  size:    {_fmt_bytes(self.size_bytes)} ({_fmt_bytes(self.gzipped_size_bytes)} gzipped)",
+            f"  made by: {self.converter}" + (f", int8 by the {self.int8_backend}" if self.int8_backend else ""),
         ]
+        if self.fallback_reason:
+            lines.append(f"  fallback: {self.fallback_reason}")
+        if self.quantizer_validation is not None:
+            lines.append(f"  {self.quantizer_validation}")
         for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
             for t in tensors:
                 if t.get("scale") is not None:
@@ -267,6 +300,8 @@ def _has_tfmot_pruning(model) -> bool:
     # Check class names first so tfmot (slow to import) is only imported when needed.
     if not any(type(layer).__name__ == "PruneLowMagnitude" for layer in _iter_layers(model)):
         return False
+    from keras_rebuild._compat import tfmot
+
     tfmot()  # makes sure the package is importable before its internal module is
     from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude as wrapper
 
@@ -275,6 +310,8 @@ def _has_tfmot_pruning(model) -> bool:
 
 def _strip_tfmot_pruning(model):
     """``strip_pruning`` applied to a copy, so ``model`` is left untouched."""
+    from keras_rebuild._compat import keras, tfmot
+
     sparsity = tfmot().sparsity.keras
     with sparsity.prune_scope():
         copy = keras.models.clone_model(model)
@@ -291,6 +328,14 @@ def _prepare_model(model):
     tensorflow-model-optimization's ``PruneLowMagnitude`` wrappers by
     ``tfmot.sparsity.keras.strip_pruning`` on a copy.
     """
+    if _flavour(model) == "keras3":
+        # Never import the tf_keras wrappers module (it loads TensorFlow) for a Keras 3 model.
+        if any(type(layer).__name__ == "StructuredPruningWrapper" for layer in _iter_layers(model)):
+            import keras_rebuild
+
+            logger.info("Model has StructuredPruningWrapper layers: rebuilding it before export.")
+            model = keras_rebuild.rebuild(model)
+        return model
     try:
         from keras_rebuild import wrappers as _wrappers  # noqa: WPS433 (lazy on purpose)
 
@@ -313,11 +358,19 @@ def _prepare_model(model):
 # --------------------------------------------------------------------------
 
 
+def _flavour(model) -> Optional[str]:
+    from keras_rebuild.backends import flavour_of
+
+    return flavour_of(model)
+
+
 def _spec_dtype(dtype) -> np.dtype:
-    dtype = tf.as_dtype(dtype)
-    if dtype in (tf.float16, tf.bfloat16):
+    name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
+    name = str(name or dtype)
+    if name in ("float16", "bfloat16"):
         return np.dtype(np.float32)  # mixed-precision models are exported with float32 inputs
-    return np.dtype(dtype.as_numpy_dtype)
+    as_numpy = getattr(dtype, "as_numpy_dtype", None)
+    return np.dtype(as_numpy) if as_numpy is not None else np.dtype(name)
 
 
 def _input_specs(model) -> List[tuple]:
@@ -356,6 +409,8 @@ def _saved_input_specs(model) -> Optional[List[tuple]]:
     args, kwargs = spec
     if kwargs or len(args) != 1:
         return None
+    from keras_rebuild._compat import tf
+
     flat = args[0]
     if isinstance(flat, Mapping):
         items = list(flat.items())
@@ -465,7 +520,7 @@ def _representative_batches(data, specs, limit: int) -> List[List[np.ndarray]]:
     ):
         batches = [_as_sample_list(data, specs, "representative_data")]
     else:
-        if isinstance(data, tf.data.Dataset):
+        if hasattr(data, "as_numpy_iterator"):  # a tf.data.Dataset
             data = data.as_numpy_iterator()
         elif callable(data):
             data = data()
@@ -479,7 +534,7 @@ def _representative_batches(data, specs, limit: int) -> List[List[np.ndarray]]:
                 f"a tf.data.Dataset or an iterable of batches. Received: {received('representative_data', data)}"
             ) from exc
         for element in iterator:
-            element = tf.nest.map_structure(np.asarray, _split_element(element, len(specs)))
+            element = _map_arrays(_split_element(element, len(specs)))
             batch = _as_sample_list(element, specs, "representative_data")
             batches.append(batch)
             total += batch[0].shape[0]
@@ -494,6 +549,24 @@ def _representative_batches(data, specs, limit: int) -> List[List[np.ndarray]]:
     if not samples:
         raise InvalidArgumentError("Expected `representative_data` to hold at least one sample. Received: none")
     return samples
+
+
+def _map_arrays(x):
+    """``np.asarray`` over the leaves of nested dicts/lists/tuples (keras.ops tensors included)."""
+    if isinstance(x, Mapping):
+        return {k: _map_arrays(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_arrays(v) for v in x) if not hasattr(x, "_fields") else type(x)(*map(_map_arrays, x))
+    return _to_numpy(x)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    module = type(x).__module__.split(".", 1)[0]
+    if module == "torch":
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def _concat_samples(samples: List[List[np.ndarray]]) -> List[np.ndarray]:
@@ -644,6 +717,11 @@ def _resize_inputs(interpreter, in_details, xs: List[np.ndarray]) -> None:
 def _invoke(interpreter, in_details, out_details, xs: List[np.ndarray]) -> List[np.ndarray]:
     """Run the interpreter on a batch, resizing the batch axis (or looping sample by sample)."""
     batch = xs[0].shape[0]
+    static = [int(d["shape_signature"][0]) for d in in_details if len(d["shape_signature"])]
+    if batch > 1 and static and all(b == 1 for b in static):
+        # A file with a fixed batch of 1 (e.g. litert-torch's): resizing would break its reshapes.
+        outs = [_invoke(interpreter, in_details, out_details, [x[i : i + 1] for x in xs]) for i in range(batch)]
+        return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(out_details))]
     try:
         _resize_inputs(interpreter, in_details, xs)
         for d, x in zip(in_details, xs):
@@ -714,12 +792,18 @@ def run_tflite(path_or_bytes: PathOrBytes, inputs, model=None, num_threads: int 
 
 def _keras_outputs(model, xs: List[np.ndarray]) -> List[np.ndarray]:
     """The Keras model's outputs on ``xs`` as a list (a seam the tests patch)."""
+    if _flavour(model) == "keras3":
+        import keras
+
+        convert = keras.ops.convert_to_numpy
+    else:
+        convert = np.asarray
     out = model(xs if len(xs) > 1 else xs[0], training=False)
     if isinstance(out, Mapping):
-        return [np.asarray(out[k]) for k in _output_names(model)]
+        return [np.asarray(convert(out[k])) for k in _output_names(model)]
     if isinstance(out, (list, tuple)):
-        return [np.asarray(o) for o in out]
-    return [np.asarray(out)]
+        return [np.asarray(convert(o)) for o in out]
+    return [np.asarray(convert(out))]
 
 
 _LOW_PRECISION = frozenset({"float16", "bfloat16", "mixed_float16", "mixed_bfloat16"})
@@ -775,43 +859,41 @@ def _float32_copy(model):
 
 
 def _convert(model, quantize: str, int8_io: bool, calibration: Optional[List[List[np.ndarray]]], specs) -> bytes:
-    if getattr(model, "inputs", None):
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    else:  # a built subclassed model: trace it on its saved input signature
-        signature = [tf.TensorSpec((None,) + tuple(shape), tf.as_dtype(dtype), name=name)
-                     for name, shape, dtype in specs]
+    """The TFLite converter's file for ``model`` (float32, or its float16 / dynamic / int8 quantization).
 
-        @tf.function(input_signature=signature)
-        def serve(*xs):
-            return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+    tf_keras models and Keras 3 models on TensorFlow convert in this process;
+    Keras 3 models on JAX or torch in a TensorFlow-backend subprocess.
+    """
+    from keras_rebuild.export import convert as _c
 
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
-    if quantize == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif quantize == "dynamic":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif quantize == "int8":
-        names = [s[0] for s in specs]
-        dtypes = [s[2] for s in specs]
+    backend = _c.keras_backend_of(model)
+    if backend == "tf_keras":
+        return _c.convert_tf_keras(model, quantize, int8_io, calibration, specs)
+    if backend == "tensorflow":
+        return _c.convert_keras3_tensorflow(model, quantize, int8_io, calibration, specs)
+    return _c.convert_in_subprocess(model, quantize, int8_io, calibration, specs, converter_needed=True)
 
-        def representative_dataset():
-            for sample in calibration:
-                # Dicts keyed by input name: the converter's own input order may differ from Keras's.
-                # Each input keeps its own dtype (integer ids stay integers, e.g. for an Embedding).
-                yield {n: a.astype(dtype, copy=False) for n, a, dtype in zip(names, sample, dtypes)}
 
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative_dataset
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if int8_io:
-            converter.inference_input_type = tf.int8
-            converter.inference_output_type = tf.int8
-    with warnings.catch_warnings():
-        # The converter's own calibrator uses tf.lite.Interpreter internally.
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected.*")
-        return bytes(converter.convert())
+def _float32_file(model, specs) -> Tuple[bytes, str]:
+    """A float32 file made the native way of the model's backend, and how it was made."""
+    from keras_rebuild.export import convert as _c
+
+    backend = _c.keras_backend_of(model)
+    if backend == "torch":
+        return _c.convert_keras3_torch(model), "litert-torch"
+    if backend == "jax":
+        content = _c.convert_in_subprocess(model, "float32", False, None, specs)
+        return content, f"tflite-converter (subprocess, {_c._worker_backend('float32', False)} backend)"
+    return _convert(model, "float32", False, None, specs), "tflite-converter"
+
+
+def _signature_samples(content: bytes, specs, samples: List[List[np.ndarray]]) -> List[Dict[str, np.ndarray]]:
+    """Samples keyed by the file's signature input names (matched to the Keras inputs by name, then shape)."""
+    interpreter = _make_interpreter(content)
+    in_details, _ = _io_details(interpreter)
+    matched = _match([s[0] for s in specs], [_shape_key((None,) + s[1]) for s in specs], in_details, "input")
+    keys = [d.get("key") or d["name"] for d in matched]
+    return [{k: a for k, a in zip(keys, sample)} for sample in samples]
 
 
 def _verify(
@@ -906,8 +988,28 @@ def export_tflite(
     num_calibration_samples: int = 200,
     num_verify_samples: int = 32,
     seed: int = 0,
+    int8_backend: str = "quantizer",
 ) -> ExportResult:
-    """Convert a Keras model to TFLite, check it in LiteRT, and write it atomically.
+    """Convert a Keras model to LiteRT (``.tflite``), check it in LiteRT, and write it atomically.
+
+    Works on tf_keras models and on Keras 3 models on every backend: the
+    TensorFlow backend (and tf_keras) use the TFLite converter with built-in ops
+    only; torch uses Keras' own ``model.export(format="litert")`` through
+    litert-torch, without TensorFlow; JAX saves the model as ``.keras`` and
+    converts it in a subprocess under the TensorFlow backend. Every file is
+    verified here, against the model as given, in the LiteRT interpreter. A
+    file that would need TensorFlow (Flex) or custom ops is a ``FlexOpError``:
+    standalone LiteRT on phones cannot run it.
+
+    ``quantize="int8"`` goes through the LiteRT Quantizer (``litert-quantizer``)
+    by default: static int8 weights and activations calibrated on
+    ``representative_data``, applied to the float32 file, with the
+    quantizer's per-layer validation in ``result.quantizer_validation``. When
+    the quantizer fails, or its file fails verification, the TFLite
+    converter's own int8 is used instead (``result.fallback_reason`` says
+    why). ``int8_backend="converter"`` asks for the converter directly.
+    ``"float16"`` and ``"dynamic"`` use the converter, except ``"dynamic"`` on
+    the torch backend, which uses the quantizer's dynamic-range recipe.
 
     A model still wrapped for pruning is stripped and rebuilt first
     (keras_rebuild's structured pruning wrappers via ``rebuild``, and
@@ -958,6 +1060,9 @@ def export_tflite(
         num_verify_samples: Samples used for verification when
             ``sample_inputs`` is not given.
         seed: Seed of the random verification inputs.
+        int8_backend: ``"quantizer"`` (the LiteRT Quantizer, falling back to
+            the converter) or ``"converter"`` (the TFLite converter's own
+            int8, as before; needs TensorFlow) for ``quantize="int8"``.
 
     Returns:
         An ``ExportResult`` with the path, sizes, verification numbers and
@@ -965,6 +1070,7 @@ def export_tflite(
 
     Raises:
         NotAModelError: If ``model`` is not a Keras model.
+        FlexOpError: If the model needs TensorFlow (Flex) or custom ops.
         InvalidArgumentError: For an unknown ``quantize``, ``"int8"`` without
             ``representative_data``, ``int8_io`` without ``"int8"``, or
             malformed data.
@@ -977,9 +1083,13 @@ def export_tflite(
         ...                        representative_data=x[:200])              # doctest: +SKIP
         >>> print(result)                                                   # doctest: +SKIP
     """
-    if not isinstance(model, keras.Model):
+    if not _is_model(model):
         raise NotAModelError(f"Expected `model` to be a keras.Model. Received: {received('model', model)}")
     mode = "float32" if quantize is None else quantize
+    if int8_backend not in INT8_BACKENDS:
+        raise InvalidArgumentError(
+            f"Expected `int8_backend` to be one of {INT8_BACKENDS}. Received: {received('int8_backend', int8_backend)}"
+        )
     if mode not in QUANTIZE_MODES:
         raise InvalidArgumentError(
             f"Expected `quantize` to be one of {(None,) + QUANTIZE_MODES}. Received: {received('quantize', quantize)}"
@@ -1023,32 +1133,26 @@ def export_tflite(
     if verify and sample_inputs is not None:
         xs = _as_sample_list(sample_inputs, specs, "sample_inputs")
 
-    logger.info("Converting %s to TFLite (%s).", model.name, mode)
-    content = _convert(prepared, mode, int8_io, calibration[:num_calibration_samples] if calibration else None, specs)
-    if mode == "int8" and not _is_fully_integer(content):
-        raise VerificationError(
-            "Expected the int8 model to compute in integers. Received: the converter left float operations "
-            "(too little calibration data?); nothing was written"
-        )
-
-    verification = None
-    if verify:
-        if xs is None and calibration is not None:
+    logger.info("Converting %s to LiteRT (%s).", model.name, mode)
+    cal = calibration[:num_calibration_samples] if calibration else None
+    if verify and xs is None:
+        if calibration is not None:
             xs = _concat_samples(calibration[:num_verify_samples])
-        elif xs is None:
+        else:
             xs = _random_inputs(specs, num_verify_samples, seed)
-        # A float16/mixed-precision model is only as exact as float16.
-        tol = DEFAULT_TOLERANCES["float16" if low_precision and mode == "float32" else mode]
+    # A float16/mixed-precision model is only as exact as float16.
+    tol = dict(DEFAULT_TOLERANCES["float16" if low_precision and mode == "float32" else mode])
+    tol["atol"] = tol["atol"] if atol is None else float(atol)
+    tol["rtol"] = tol["rtol"] if rtol is None else float(rtol)
+    names = _c_layer_names(model) + _c_layer_names(prepared)
+
+    def check(content: bytes) -> Optional[VerificationResult]:
+        check_builtin_only(content, names)
+        if not verify:
+            return None
         # Compare with the model as given (not the stripped/rebuilt copy), so
         # stripping and rebuilding are checked end to end too.
-        verification = _verify(
-            model,
-            content,
-            xs,
-            atol=tol["atol"] if atol is None else float(atol),
-            rtol=tol["rtol"] if rtol is None else float(rtol),
-            min_top1=min_top1,
-        )
+        verification = _verify(model, content, xs, atol=tol["atol"], rtol=tol["rtol"], min_top1=min_top1)
         logger.info("%s", verification)
         if not verification.passed:
             details = "; ".join(
@@ -1061,6 +1165,55 @@ def export_tflite(
                 f"The {mode} TFLite model does not match the Keras model: {verification}. Per output: {details}. "
                 f"Nothing was written; raise `atol`/`rtol`/lower `min_top1`, or pass verify=False to export anyway."
             )
+        return verification
+
+    backend = _keras_backend(prepared)
+    made_by, used_int8, fallback, qvalidation = "tflite-converter", None, None, None
+    use_quantizer = (mode == "int8" and int8_backend == "quantizer") or (mode == "dynamic" and backend == "torch")
+    content = None
+    if use_quantizer:
+        from keras_rebuild.export import quantize as _q
+
+        try:
+            float_content, made_by = _float32_file(prepared, specs)
+            check_builtin_only(float_content, names)
+            val = cal[: min(len(cal), 16)] if cal else _random_sample_list(specs, 4, seed)
+            content, qvalidation = _q.quantize(
+                float_content, mode,
+                calibration=_signature_samples(float_content, specs, cal) if cal else None,
+                validation_samples=_signature_samples(float_content, specs, val),
+                int8_io=int8_io,
+            )
+            if mode == "int8" and not _is_fully_integer(content):
+                raise VerificationError("the quantizer left the model in float")
+            verification = check(content)
+            used_int8 = "quantizer"
+        except FlexOpError:
+            raise
+        except (ImportError, ValueError, RuntimeError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            if mode == "dynamic" and backend == "torch":
+                raise UnsupportedModelError(
+                    "Expected the LiteRT Quantizer to quantize the model (dynamic-range int8 on the torch backend). "
+                    f"Received: {type(exc).__name__}: {exc}"
+                ) from exc
+            fallback = f"the LiteRT Quantizer failed ({type(exc).__name__}: {str(exc)[:300]}); used the converter"
+            logger.warning("int8 export: %s.", fallback)
+            content, qvalidation = None, None
+    if content is None and mode == "float32":
+        content, made_by = _float32_file(prepared, specs)
+        verification = check(content)
+    elif content is None:
+        content = _convert(prepared, mode, int8_io, cal, specs)
+        made_by = "tflite-converter" if backend in ("tf_keras", "tensorflow") else \
+            "tflite-converter (subprocess, tensorflow backend)"
+        if mode in ("int8", "dynamic"):
+            used_int8 = "converter"
+        if mode == "int8" and not _is_fully_integer(content):
+            raise VerificationError(
+                "Expected the int8 model to compute in integers. Received: the converter left float operations "
+                "(too little calibration data?); nothing was written"
+            )
+        verification = check(content)
 
     if path is not None:
         write_bytes(path, content, overwrite=overwrite, arg="path")
@@ -1075,8 +1228,42 @@ def export_tflite(
         verification=verification,
         inputs=inputs_q,
         outputs=outputs_q,
+        converter=made_by,
+        int8_backend=used_int8,
+        fallback_reason=fallback,
+        quantizer_validation=qvalidation,
         _content=content if path is None else None,
     )
+
+
+def _is_model(model) -> bool:
+    flavour = _flavour(model)
+    if flavour == "keras3":
+        import keras
+
+        return isinstance(model, keras.Model)
+    if flavour == "tf_keras":
+        from keras_rebuild._compat import keras
+
+        return isinstance(model, keras.Model)
+    return False
+
+
+def _keras_backend(model) -> str:
+    from keras_rebuild.export.convert import keras_backend_of
+
+    return keras_backend_of(model)
+
+
+def _c_layer_names(model) -> List[str]:
+    from keras_rebuild.export.convert import layer_names
+
+    return layer_names(model)
+
+
+def _random_sample_list(specs, n: int, seed: int) -> List[List[np.ndarray]]:
+    xs = _random_inputs(specs, n, seed)
+    return [[a[i : i + 1] for a in xs] for i in range(n)]
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""Convert a Keras model to a ``.tflite`` flatbuffer: one path per Keras flavour and backend.
+
+* tf_keras, and Keras 3 on TensorFlow: the TFLite converter with built-in ops
+  only (``TFLiteConverter.from_keras_model`` for tf_keras; a Keras 3 model is
+  first written as a SavedModel with ``model.export(format="tf_saved_model")``
+  so its variables are frozen). float16, dynamic-range and the converter's own
+  ("legacy") int8 are converter options.
+* Keras 3 on torch: Keras' own ``model.export(format="litert")``, which goes
+  through litert-torch; TensorFlow is not imported. The file has a fixed
+  batch size of 1.
+* Keras 3 on JAX (Keras has no LiteRT export there), and the converter's
+  options on torch: the model is saved as ``.keras`` and converted by a
+  subprocess running Keras on TensorFlow (or torch for float32 when
+  TensorFlow is missing), see :mod:`keras_rebuild.export._worker`.
+
+A TensorFlow op the built-in op set lacks is a :class:`FlexOpError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from keras_rebuild.errors import UnsupportedModelError
+from keras_rebuild.export.flatbuffer import FlexOpError, flex_error_from_converter
+
+WORKER_TIMEOUT_S = 900
+
+
+def keras_backend_of(model) -> str:
+    """``"tf_keras"``, or the Keras 3 backend (``"tensorflow"``, ``"jax"``, ``"torch"``) of a model."""
+    from keras_rebuild.backends import flavour_of
+
+    if flavour_of(model) == "tf_keras":
+        return "tf_keras"
+    import keras
+
+    return keras.backend.backend()
+
+
+def layer_names(model) -> List[str]:
+    names, stack = [], list(getattr(model, "layers", []) or [])
+    while stack:
+        layer = stack.pop()
+        names.append(layer.name)
+        stack.extend(getattr(layer, "layers", []) or [])
+        inner = getattr(layer, "layer", None)
+        if inner is not None:
+            stack.append(inner)
+    return names
+
+
+def _run_converter(converter, names: Sequence[str]) -> bytes:
+    with warnings.catch_warnings():
+        # The converter's own calibrator uses tf.lite.Interpreter internally.
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected.*")
+        try:
+            return bytes(converter.convert())
+        except Exception as exc:  # ConverterError lives in TensorFlow's private modules
+            flex = flex_error_from_converter(str(exc), names)
+            if flex is not None:
+                raise flex from None
+            raise
+
+
+def _configure(converter, tf, quantize: str, int8_io: bool, calibration, specs) -> None:
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif quantize == "int8":
+        names = [s[0] for s in specs]
+        dtypes = [s[2] for s in specs]
+
+        def representative_dataset():
+            for sample in calibration:
+                # Dicts keyed by input name: the converter's own input order may differ from Keras's.
+                # Each input keeps its own dtype (integer ids stay integers, e.g. for an Embedding).
+                yield {n: a.astype(dtype, copy=False) for n, a, dtype in zip(names, sample, dtypes)}
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if int8_io:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+
+
+def convert_tf_keras(model, quantize: str, int8_io: bool, calibration, specs) -> bytes:
+    """The TFLite converter on a tf_keras model."""
+    from keras_rebuild._compat import tf
+
+    if getattr(model, "inputs", None):
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    else:  # a built subclassed model: trace it on its saved input signature
+        signature = [tf.TensorSpec((None,) + tuple(shape), tf.as_dtype(dtype), name=name)
+                     for name, shape, dtype in specs]
+
+        @tf.function(input_signature=signature)
+        def serve(*xs):
+            return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], model)
+    _configure(converter, tf, quantize, int8_io, calibration, specs)
+    return _run_converter(converter, layer_names(model))
+
+
+def convert_keras3_tensorflow(model, quantize: str, int8_io: bool, calibration, specs) -> bytes:
+    """The TFLite converter on a Keras 3 model (TensorFlow backend), through a SavedModel."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="keras_rebuild_sm_") as folder:
+        saved = os.path.join(folder, "saved_model")
+        model.export(saved, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        _configure(converter, tf, quantize, int8_io, calibration, specs)
+        return _run_converter(converter, layer_names(model))
+
+
+def convert_keras3_torch(model) -> bytes:
+    """Keras' own LiteRT export on the torch backend (litert-torch; no TensorFlow)."""
+    try:
+        import litert_torch  # noqa: F401
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            "Expected the `litert-torch` package for LiteRT export on the torch backend "
+            "(pip install keras-rebuild[torch]). Received: it is not installed"
+        ) from exc
+    with tempfile.TemporaryDirectory(prefix="keras_rebuild_lt_") as folder:
+        path = os.path.join(folder, "model.tflite")
+        try:
+            model.export(path, format="litert", verbose=False)
+        except RuntimeError as exc:
+            raise UnsupportedModelError(
+                f"Expected litert-torch to convert the model. Received: {str(exc)[:2000]}"
+            ) from None
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _worker_backend(quantize: str, converter_needed: bool) -> str:
+    """The backend the subprocess converts on: TensorFlow when it is installed (the converter), else torch."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        return "tensorflow"
+    if converter_needed or quantize != "float32":
+        raise UnsupportedModelError(
+            "Expected TensorFlow to be installed for the converter's quantization "
+            f"({quantize!r}). Received: it is not installed; use int8_backend='quantizer'"
+        )
+    return "torch"
+
+
+def convert_in_subprocess(model, quantize: str, int8_io: bool, calibration, specs,
+                          converter_needed: bool = False) -> bytes:
+    """Save ``model`` as ``.keras`` and convert it in a subprocess under another Keras backend."""
+    backend = _worker_backend(quantize, converter_needed)
+    with tempfile.TemporaryDirectory(prefix="keras_rebuild_x_") as folder:
+        model_path = os.path.join(folder, "model.keras")
+        model.save(model_path)
+        job: Dict[str, Any] = {"model": model_path, "out": os.path.join(folder, "model.tflite"),
+                               "error": os.path.join(folder, "error.json"), "quantize": quantize,
+                               "int8_io": bool(int8_io), "calibration": None}
+        if calibration:
+            job["calibration"] = os.path.join(folder, "calibration.npz")
+            np.savez(job["calibration"], **{f"input_{i}": np.concatenate([s[i] for s in calibration], axis=0)
+                                            for i in range(len(calibration[0]))})
+        job_path = os.path.join(folder, "job.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
+        proc = subprocess.run([sys.executable, "-m", "keras_rebuild.export._worker", job_path], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=WORKER_TIMEOUT_S)
+        if os.path.exists(job["error"]):
+            with open(job["error"]) as f:
+                err = json.load(f)
+            cls = FlexOpError if err["type"] == "FlexOpError" else UnsupportedModelError
+            raise cls(err["message"])
+        if proc.returncode != 0 or not os.path.exists(job["out"]):
+            tail = proc.stderr.decode(errors="replace")[-2000:]
+            raise UnsupportedModelError(
+                f"Expected the model to convert under the {backend} backend (it was saved as .keras and "
+                f"re-loaded there). Received: exit status {proc.returncode}: {tail}"
+            )
+        with open(job["out"], "rb") as f:
+            return f.read()
+
+
+__all__ = ["keras_backend_of", "convert_tf_keras", "convert_keras3_tensorflow", "convert_keras3_torch",
+           "convert_in_subprocess", "layer_names"]
