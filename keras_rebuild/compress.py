@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 from typing import List, Optional
 
 import numpy as np
 
+from keras_rebuild.backends import flavour_of
 from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError, received
 from keras_rebuild.graph import check_model
 
@@ -86,6 +88,10 @@ def _predicted_ratio(analysis, scores, metric, sparsity, select_kwargs, base):
 
 
 def _recompile_like(new, old):
+    """Compile ``new`` like ``old``: a fresh optimizer of the same config, the same loss and metrics."""
+    if flavour_of(old) == "keras3":
+        new.compile_from_config(old.get_compile_config())
+        return new
     optimizer = old.optimizer.__class__.from_config(old.optimizer.get_config())
     new.compile(optimizer=optimizer, loss=old.loss, metrics=_compiled_metric_names(old))
     return new
@@ -125,15 +131,17 @@ def compress(
     measures it. It stops when the target is met or after ``max_steps``.
 
     Args:
-        model: A compiled tf_keras model (not modified). Its loss, metrics and
-            optimizer settings are reused for recovery.
+        model: A compiled Keras 3 (any backend) or tf_keras model (not
+            modified, never returned). Its loss, metrics and optimizer
+            settings are reused for recovery.
         target: The cost ratio to reach, in (0, 1): e.g. ``0.5`` for half the MACs.
         x, y: Training data, as for ``fit``.
         metric: ``"macs"``, ``"params"`` or ``"latency"`` (median LiteRT
-            latency of the float32 TFLite export, 1 thread, measured each step).
+            latency of the float32 TFLite export, 1 thread, measured each step;
+            needs a model that :func:`keras_rebuild.export_tflite` can export).
         validation_data: Evaluated after every step (the report's accuracy columns).
         step: The largest fraction of the remaining channels pruned per step.
-        max_steps: Give up after this many steps (the report says so).
+        max_steps: Give up after this many steps (the report says so); at least 1.
         recover_epochs: Fine-tuning epochs per step.
         teacher: ``"model"`` distils from the original model; ``None`` is plain
             fine-tuning; or any model with the same outputs.
@@ -142,11 +150,13 @@ def compress(
         **fit_kwargs: Passed to :func:`keras_rebuild.recover` (``batch_size``, ``callbacks``...).
 
     Returns:
-        ``(small_model, report)``: the rebuilt, recovered model (compiled) and
-        a :class:`CompressionReport`.
+        ``(small_model, report)``: the rebuilt, recovered model (compiled, a
+        new model: never ``model`` itself) and a :class:`CompressionReport`.
 
     Raises:
-        InvalidArgumentError: bad ``target``, ``metric``, ``step`` or an uncompiled model.
+        InvalidArgumentError: bad ``target``, ``metric``, ``step``, ``max_steps``,
+            ``recover_epochs`` or an uncompiled model.
+        InvalidArgumentTypeError: a non-numeric ``target``, ``max_steps`` or ``recover_epochs``.
 
     Example:
         >>> small, report = kr.compress(model, 0.5, x, y, validation_data=(xv, yv))  # doctest: +SKIP
@@ -155,6 +165,7 @@ def compress(
     import keras_rebuild as kr
     from keras_rebuild.groups import Analysis
     from keras_rebuild.importance import get_criterion
+    from keras_rebuild.plan import make_plan
 
     check_model(model)
     if metric not in METRICS:
@@ -165,12 +176,20 @@ def compress(
         raise InvalidArgumentError(f"Expected `target` to be a ratio in (0, 1). Received: target={target}")
     if not 0 < step < 1:
         raise InvalidArgumentError(f"Expected `step` to be in (0, 1). Received: step={step}")
+    for name, value in (("max_steps", max_steps), ("recover_epochs", recover_epochs)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InvalidArgumentTypeError(
+                f"Expected `{name}` to be a positive integer. Received: {received(name, value)}")
+        if value < 1:
+            raise InvalidArgumentError(
+                f"Expected `{name}` to be a positive integer: compress returns a new, smaller model "
+                f"after at least one step. Received: {received(name, value)}")
     if getattr(model, "optimizer", None) is None or not getattr(model, "loss", None):
         raise InvalidArgumentError(
             f"Expected `model` to be compiled: compress() reuses its loss, metrics and optimizer. "
             f"Call model.compile(...) first. Received: model='{model.name}' (not compiled)"
         )
-    teacher_model = model if teacher == "model" else teacher
+    teacher_model = model if isinstance(teacher, str) and teacher == "model" else teacher
     params0, macs0, lat0 = _measure(model, metric, None)
     base = {"params": params0, "macs": macs0, "latency": lat0}[metric]
     val0 = _evaluate(model, validation_data)
@@ -187,8 +206,9 @@ def compress(
             scores = crit(analysis)
             sparsity = _sparsity_for_target(
                 lambda s: _predicted_ratio(analysis, scores, metric, s, select_kwargs, base), target, step)
-        pruned = kr.prune_channels(current, sparsity=sparsity, criterion=crit, **select_kwargs)
-        small = kr.rebuild(pruned)
+        if metric not in ("macs", "params"):
+            scores = crit(analysis)
+        small = kr.rebuild(current, make_plan(analysis, scores, sparsity=sparsity, **select_kwargs))
         if small.count_params() == current.count_params() and i > 1:
             log.warning("compress: step %d removed nothing; stopping", i)
             break

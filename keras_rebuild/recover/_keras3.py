@@ -219,9 +219,22 @@ class _Distillation:
         return objective + ops.stop_gradient(hard - objective)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if y is None:  # no labels: the compiled metrics cannot be updated
-            return self.student.get_metrics_result()
-        return self._original_metrics(x, y, y_pred, sample_weight)
+        if y is not None:
+            return self._original_metrics(x, y, y_pred, sample_weight)
+        return self.get_metrics_result()  # no labels: the compiled metrics stay as they are
+
+    def get_metrics_result(self):
+        """The student's metric results, leaving out compiled metrics never built (label-free data)."""
+        logs = {}
+        for metric in self.student.metrics:
+            if not getattr(metric, "built", True):
+                continue
+            result = metric.result()
+            if isinstance(result, dict):
+                logs.update(result)
+            else:
+                logs[metric.name] = result
+        return logs
 
     # -- install / uninstall ------------------------------------------------
     def __enter__(self):
@@ -233,13 +246,14 @@ class _Distillation:
             _attach_metric(model, f"{self._PREFIX}{i}", tracker)
         model.compute_loss = self.compute_loss
         model.compute_metrics = self.compute_metrics
+        model.get_metrics_result = self.get_metrics_result
         model.train_function = None
         model.test_function = None
         return self
 
     def __exit__(self, *exc):
         model = self.student
-        for name in ("compute_loss", "compute_metrics"):
+        for name in ("compute_loss", "compute_metrics", "get_metrics_result"):
             if name in model.__dict__:
                 delattr(model, name)
         for i, tracker in enumerate(self.trackers):
