@@ -220,46 +220,59 @@ class Analysis:
 
     def _groups(self):
         g = self.graph
-        comp_writers: Dict[int, set] = {}
-        members_of: Dict[int, set] = {}
+        paths = list(g.layers)
+        order = {path: i for i, path in enumerate(paths)}
         first_elem = np.full(self.num_components, np.iinfo(np.int64).max)
         np.minimum.at(first_elem, self.labels, np.arange(len(self.labels)))
+        # (component, writer) pairs, then the writer set of every written component, in graph order.
+        comp_parts, writer_parts = [], []
         for op, t in self.write_log:
-            for c in np.unique(self.labels[self.elements(t)]):
-                comp_writers.setdefault(int(c), set()).add(op.path)
-        # Layers indexed by each component (weights sliced when it goes).
+            comps = np.unique(self.labels[self.elements(t)])
+            comp_parts.append(comps)
+            writer_parts.append(np.full(len(comps), order.get(op.path, 0), np.int64))
+        by_key: Dict[Tuple[int, ...], List[int]] = {}
+        if comp_parts:
+            pairs = np.unique(np.stack([np.concatenate(comp_parts), np.concatenate(writer_parts)], 1), axis=0)
+            comps, first, counts = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+            # Most components have one writer: group those per writer at once; the rest one by one.
+            single = counts == 1
+            for comp, start, n in zip(comps[~single], first[~single], counts[~single]):
+                by_key.setdefault(tuple(pairs[start:start + n, 1].tolist()), []).append(int(comp))
+            one_comp, one_writer = comps[single], pairs[first[single], 1]
+            for w in np.unique(one_writer):
+                by_key.setdefault((int(w),), []).extend(one_comp[one_writer == w].tolist())
+            by_key = dict(sorted(by_key.items(), key=lambda item: min(item[1])))
+        keys = list(by_key)
+        group_of = np.full(self.num_components, -1, np.int64)
+        comps_of = []
+        for i, key in enumerate(keys):
+            comps = np.array(sorted(by_key[key], key=lambda c: first_elem[c]), np.int64)
+            group_of[comps] = i
+            comps_of.append(comps)
+        # Layers indexed by each group (weights sliced when it shrinks), and why channels stay.
+        members = [set() for _ in keys]
+        reasons = [set() for _ in keys]
         for op in g.ops:
             if op.kind != "layer" or op.call_index or not self.weights.get(op.path):
                 continue
             for t in op.inputs[:1] + op.outputs[:1]:
-                for c in np.unique(self.labels[self.elements(t)]):
-                    members_of.setdefault(int(c), set()).add(op.path)
-        reasons_of: Dict[int, set] = {}
+                for i in np.unique(group_of[self.labels[self.elements(t)]]):
+                    if i >= 0:
+                        members[i].add(op.path)
         for t, reason, _ in self.block_log:
-            for c in np.unique(self.labels[self.elements(t)]):
-                reasons_of.setdefault(int(c), set()).add(reason)
-        by_key: Dict[Tuple[str, ...], List[int]] = {}
-        order = {path: i for i, path in enumerate(g.layers)}
-        for c in range(self.num_components):
-            writers = tuple(sorted(comp_writers.get(c, ()), key=lambda p: order.get(p, 0)))
-            if not writers:
-                continue
-            by_key.setdefault(writers, []).append(c)
+            for i in np.unique(group_of[self.labels[self.elements(t)]]):
+                if i >= 0:
+                    reasons[i].add(reason)
         groups = []
-        for writers, comps in by_key.items():
-            comps = np.array(sorted(comps, key=lambda c: first_elem[c]), np.int64)
-            members = set()
-            reasons = set()
-            for c in comps:
-                members |= members_of.get(int(c), set())
-                reasons |= reasons_of.get(int(c), set())
+        for i, key in enumerate(keys):
+            writers = tuple(paths[w] for w in key)
             groups.append(ChannelGroup(
                 name=writers[0],
                 writers=writers,
-                members=tuple(sorted(members, key=lambda p: order.get(p, 0))),
-                components=comps,
-                blocked=self.comp_blocked[comps],
-                reasons=tuple(sorted(reasons)),
+                members=tuple(sorted(members[i], key=lambda p: order.get(p, 0))),
+                components=comps_of[i],
+                blocked=self.comp_blocked[comps_of[i]],
+                reasons=tuple(sorted(reasons[i])),
             ))
         groups.sort(key=lambda grp: order.get(grp.name, 0))
         # Group names key plans and scores: make them unique when two writer sets share a first writer.
@@ -270,7 +283,6 @@ class Analysis:
             if seen[grp.name] > 1:
                 grp.name = "+".join(grp.writers)
         self.groups = groups
-        self._reasons_of = reasons_of
 
     # ------------------------------------------------------------------ queries
     def removable(self) -> np.ndarray:
@@ -307,7 +319,9 @@ class Analysis:
         return {t.index: np.flatnonzero(keep[t.offset: t.offset + t.channels]) for t in self.graph.tensors}
 
     def reasons_for(self, component: int) -> Tuple[str, ...]:
-        return tuple(sorted(self._reasons_of.get(int(component), ())))
+        """Why the channels of one component stay (empty when nothing blocks them)."""
+        return tuple(sorted({reason for t, reason, _ in self.block_log
+                             if int(component) in self.labels[self.elements(t)]}))
 
     def summary(self) -> str:
         """A text table of the channel groups: size, writers, prunable or why kept."""

@@ -297,8 +297,7 @@ def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
             t = g.tensor_id(kt)
             shape = g.tensors[t].shape
             input_shapes[path + "/" + name] = tuple(shape[:-1]) + (len(kept[t]),)
-    new_model, notes = g.backend.build(g.model, new_configs, input_shapes)
-    g.backend.set_weights(new_model, new_weights)
+    new_model, notes = g.backend.build(g.model, new_configs, input_shapes, new_weights)
     report = _report(analysis, remove, new_weights, layer_reports, macs_before, macs_after)
     report.notes = list(notes)
     return new_model, report

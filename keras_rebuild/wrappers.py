@@ -525,6 +525,13 @@ def _current_weights(model, wrappers) -> Dict[str, List[np.ndarray]]:
     return out
 
 
+def _plan_of_masks(analysis, wrappers):
+    """The plan the wrappers' current masks carry out (read when training resumes from a saved model)."""
+    from keras_rebuild.plan import Plan
+
+    return Plan.from_remove(analysis, _removed_components(analysis, wrappers), {"source": "masks"})
+
+
 def _removed_components(analysis, wrappers) -> np.ndarray:
     """Per component of ``analysis``: pruned by the wrappers' current masks."""
     removed = np.zeros(analysis.num_components, bool)
@@ -568,10 +575,21 @@ def _select(analysis, scores, params, sparsity=None, threshold=None):
     )
 
 
-def _apply_remove(analysis, wrappers, remove):
+def _plan(analysis, scores, params, sparsity=None, threshold=None):
+    """The :class:`~keras_rebuild.Plan` of one selection (the decision that masks carry out)."""
+    from keras_rebuild.plan import Plan
+
+    remove = _select(analysis, scores, params, sparsity=sparsity, threshold=threshold)
+    meta = {k: params.get(k) for k in ("criterion", "scope", "round_to", "min_channels")}
+    meta.update(sparsity=sparsity, threshold=threshold)
+    return Plan.from_remove(analysis, remove, meta)
+
+
+def _apply_plan(analysis, wrappers, plan):
+    """Set every wrapper's masks to carry out ``plan``."""
     from keras_rebuild.masks import layer_keep_masks
 
-    keep = layer_keep_masks(analysis, remove)
+    keep = layer_keep_masks(analysis, plan.apply(analysis))
     for path, w in wrappers.items():
         if path not in keep:
             continue
@@ -778,7 +796,7 @@ def prune_channels(
     analysis = Analysis(model)
     # Validate the plan arguments now (a dry run with uniform scores), and choose one-shot masks.
     uniform = {g.name: np.ones(g.size) for g in analysis.groups if g.prunable}
-    remove = None
+    plan = None
     if mode == "schedule":
         _select(analysis, uniform, params, sparsity=0.0)
     else:
@@ -786,7 +804,7 @@ def prune_channels(
         if crit.needs_data:
             crit.set_data(model, x, y)
         scores = crit(analysis)
-        remove = _select(analysis, scores, params, sparsity=sparsity, threshold=threshold)
+        plan = _plan(analysis, scores, params, sparsity=sparsity, threshold=threshold)
 
     wrap = set()
     for g in analysis.groups:
@@ -823,11 +841,10 @@ def prune_channels(
         if old.weights:
             target = new.layer if isinstance(new, StructuredPruningWrapper) else new
             target.set_weights(old.get_weights())
-    if remove is not None:
-        _apply_remove(analysis, wrapped_layers(wrapped), remove)
-    n_pruned = int(remove.sum()) if remove is not None else 0
-    log.info("prune_channels: wrapped %d layers (%s mode), %d channel components pruned now",
-             len(wrap), mode, n_pruned)
+    if plan is not None:
+        _apply_plan(analysis, wrapped_layers(wrapped), plan)
+    n_pruned = 0 if plan is None else plan.channels_before - plan.channels_after
+    log.info("prune_channels: wrapped %d layers (%s mode), %d channels pruned now", len(wrap), mode, n_pruned)
     return wrapped
 
 
@@ -923,6 +940,9 @@ class UpdatePruningStep(keras.callbacks.Callback):
         schedule: The schedule in use (a :mod:`keras_rebuild.schedules` object,
             or your own callable).
         last_sparsity: The sparsity of the last mask update, or ``None``.
+        plan_: The :class:`~keras_rebuild.Plan` the masks carry out since the
+            last update (``plan_.save("plan.json")`` keeps the decision;
+            ``kr.rebuild(model, plan_)`` replays it), or ``None``.
 
     Example:
         >>> model.fit(x, y, epochs=3, callbacks=[kr.UpdatePruningStep()])  # doctest: +SKIP
@@ -946,11 +966,13 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self.schedule = None
         self.criterion = None
         self.last_sparsity = None
+        self.plan_ = None
 
     # -- setup -------------------------------------------------------------------
     def _setup(self):
         self._wrappers = wrapped_layers(self.model)
         self._next_prune = None
+        self.plan_ = None  # read from the masks at the first update of this training
         if not self._wrappers:
             log.warning("UpdatePruningStep: the model has no StructuredPruningWrapper layers; nothing to do.")
             return
@@ -1146,13 +1168,14 @@ class UpdatePruningStep(keras.callbacks.Callback):
         current = _current_weights(self.model, self._wrappers)
         current = {p: w for p, w in current.items() if p in analysis.weights}
         scores = crit(analysis, weights=current)
-        removed = _removed_components(analysis, self._wrappers)
-        scores = _rank_pruned_last(analysis, scores, removed)
-        remove = _select(analysis, scores, self.params_, sparsity=float(sparsity))
-        _apply_remove(analysis, self._wrappers, remove)
+        if self.plan_ is None:  # resuming: the saved masks are the decision so far, read back once
+            self.plan_ = _plan_of_masks(analysis, self._wrappers)
+        scores = _rank_pruned_last(analysis, scores, self.plan_.apply(analysis))
+        self.plan_ = _plan(analysis, scores, self.params_, sparsity=float(sparsity))
+        _apply_plan(analysis, self._wrappers, self.plan_)
         self.last_sparsity = float(sparsity)
-        log.info("UpdatePruningStep: step %d, sparsity %.3f, %d channel components pruned",
-                 self.step, sparsity, int(remove.sum()))
+        log.info("UpdatePruningStep: step %d, sparsity %.3f, %d channels pruned", self.step, sparsity,
+                 self.plan_.channels_before - self.plan_.channels_after)
 
     def _zero_weights(self):
         for w in self._wrappers.values():

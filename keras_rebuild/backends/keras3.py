@@ -17,6 +17,7 @@ from keras.src import tree
 from keras.src.models.functional import Functional, functional_like_constructor
 from keras.src.saving import serialization_lib
 
+from keras_rebuild.backends import probe_shape
 from keras_rebuild.errors import NotAModelError, UnsupportedModelError
 from keras_rebuild.graph import Op
 from keras_rebuild.handlers import builtin
@@ -162,8 +163,7 @@ def probe_zero(op) -> bool:
     node = op.node
     values = {}
     for kt in node.input_tensors:
-        shape = [1] + [d if d is not None else 4 for d in kt.shape[1:]]
-        values[id(kt)] = keras.ops.zeros(shape, dtype=kt.dtype)
+        values[id(kt)] = keras.ops.zeros(probe_shape(kt.shape), dtype=kt.dtype)
     try:
         args, kwargs = node.arguments.fill_in(values)
         kwargs = dict(kwargs)
@@ -283,6 +283,11 @@ class _Rebuilder:
             if config is None:
                 config = layer.get_config()
             new = type(layer).from_config(config)
+            if new.name != layer.name:
+                # Some layers rename themselves in their constructor, so from_config(get_config())
+                # does not round-trip the name (keras-hub's DepthwiseConvBlock appends "_0"). Names
+                # are kept, and weights are set by layer path afterwards: restore the name.
+                new.name = layer.name
         self.cache[id(layer)] = new
         return new
 
@@ -315,18 +320,81 @@ class _Rebuilder:
         return new
 
 
-def build(model, new_configs, input_shapes):
+def build(model, new_configs, input_shapes, new_weights=None):
     """A new model of ``model``'s graph with the layer configs of ``new_configs`` swapped in.
 
-    Nested models' inputs take the shapes of ``input_shapes``; weights are set afterwards.
-    Returns ``(model, notes)``.
+    Nested models' inputs take the shapes of ``input_shapes``. The layers are
+    built inside a ``StatelessScope``, so their variables are created without
+    drawing random initial values; each variable is then initialised once,
+    directly with its weight from ``new_weights[path]`` (or, for a layer not
+    listed, with its own initializer).
+
+    Returns:
+        ``(model, notes)``; ``notes`` say what did not carry over.
     """
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
     rebuilder = _Rebuilder(new_configs, input_shapes)
     # The layers are the caller's own in-memory model: a Python `lambda` in a Lambda layer is
     # their code, so Keras' safe mode (meant for loading untrusted files) must not refuse it.
-    with serialization_lib.SafeModeScope(False):
+    with serialization_lib.SafeModeScope(False), StatelessScope(initialize_variables=False):
         new = rebuilder.model(model, "")
+    try:
+        _initialize(new, new_weights or {}, "", set())
+    finally:
+        _forget_initialized()
     return new, rebuilder.notes
+
+
+def _initialize(model, new_weights, prefix, seen):
+    for layer in model.layers:
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        path = prefix + layer.name
+        if is_graph_model(layer):
+            _initialize(layer, new_weights, path + "/", seen)
+            continue
+        values = new_weights.get(path)
+        weights = list(layer.weights)
+        given = {}
+        if values:
+            if len(values) != len(weights):
+                raise ValueError(f"layer '{path}' has {len(weights)} weights, received {len(values)}")
+            given = {id(v): np.asarray(val) for v, val in zip(weights, values)}
+        variables = list(layer.variables)
+        known = {id(v) for v in variables}
+        for variable in variables + [v for v in weights if id(v) not in known]:
+            value = given.get(id(variable))
+            if getattr(variable, "_value", None) is None:
+                if value is not None:
+                    variable._initializer = _constant(value, variable)
+                variable._deferred_initialize()
+            elif value is not None:
+                variable.assign(value)
+        finalize = getattr(layer, "finalize_state", None)
+        if callable(finalize):  # preprocessing layers (Normalization...) read their variables here
+            finalize()
+
+
+def _constant(value, variable):
+    if tuple(value.shape) != tuple(variable.shape):
+        raise ValueError(f"weight '{variable.path}' has shape {tuple(variable.shape)}, received {value.shape}")
+
+    def initializer(shape, dtype=None):
+        return value
+
+    return initializer
+
+
+def _forget_initialized():
+    """Drop the variables we initialised from Keras' list of variables still to initialise."""
+    from keras.src.backend.common import global_state
+
+    pending = global_state.get_global_attribute("uninitialized_variables")
+    if pending:
+        global_state.set_global_attribute(
+            "uninitialized_variables", [v for v in pending if getattr(v, "_value", None) is None])
 
 
 def set_weights(model, new_weights, prefix=""):
@@ -338,26 +406,19 @@ def set_weights(model, new_weights, prefix=""):
             continue
         w = new_weights.get(path)
         if w:
-            _set_layer_weights(layer, w)
-
-
-def _set_layer_weights(layer, weights):
-    layer.set_weights(weights)
-    # Preprocessing layers (Normalization...) compute from their variables only after finalize_state(),
-    # which Keras' loader calls but set_weights() does not.
-    finalize = getattr(layer, "finalize_state", None)
-    if callable(finalize):
-        finalize()
+            layer.set_weights(w)
+            finalize = getattr(layer, "finalize_state", None)
+            if callable(finalize):  # preprocessing layers compute from their variables only then
+                finalize()
 
 
 def clone_with_weights(model, weights):
     """A clone of ``model`` (same architecture) whose layers get ``weights[path]`` where given."""
     with scope():
-        new, _ = build(model, {}, {})
         full = {}
         _collect(model, full, "")
         full.update(weights)
-        set_weights(new, full)
+        new, _ = build(model, {}, {}, full)
     return new
 
 

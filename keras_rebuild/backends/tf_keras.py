@@ -13,6 +13,7 @@ import numpy as np
 from keras_rebuild._compat import keras, tf
 from keras_rebuild.errors import NotAModelError, UnsupportedModelError
 from keras_rebuild.graph import Op
+from keras_rebuild.backends import probe_shape
 from keras_rebuild.handlers import builtin
 
 NAME = "tf_keras"
@@ -133,7 +134,7 @@ def probe_zero(op) -> bool:
     node = op.node
     values = {}
     for kt in node.keras_inputs:
-        shape = [1] + [d if d is not None else 4 for d in kt.shape.as_list()[1:]]
+        shape = probe_shape(kt.shape.as_list() if kt.shape.rank is not None else [None, None])
         values.setdefault(str(id(kt)), []).append(tf.zeros(shape, kt.dtype))
     tensor_dict = {k: v * 4 for k, v in values.items()}
     args, kwargs = node.map_arguments(tensor_dict)
@@ -215,7 +216,7 @@ def scope():
     return contextlib.nullcontext()
 
 
-def build(model, new_configs, input_shapes):
+def build(model, new_configs, input_shapes, new_weights=None):
     """A new model from ``model``'s config with the layer configs of ``new_configs`` swapped in.
 
     Nested models' inputs take the shapes of ``input_shapes``; weights are set afterwards.
@@ -234,13 +235,16 @@ def build(model, new_configs, input_shapes):
     # The config is the caller's own in-memory model: a Python `lambda` in a Lambda layer is
     # their code, so Keras' safe mode (meant for loading untrusted files) must not refuse it.
     with keras.utils.custom_object_scope(custom), _unsafe_deserialization():
-        if isinstance(model, keras.Sequential):
-            return keras.Sequential.from_config(config), []
         notes = []
-        if type(model) not in (keras.Model, keras.Sequential) and type(model).__name__ != "Functional":
-            notes.append(f"'{model.name}' is a {type(model).__name__}: it comes back as a plain Functional model "
-                         "with the same layers")
-        return keras.Model.from_config(config), notes
+        if isinstance(model, keras.Sequential):
+            new = keras.Sequential.from_config(config)
+        else:
+            if type(model) not in (keras.Model, keras.Sequential) and type(model).__name__ != "Functional":
+                notes.append(f"'{model.name}' is a {type(model).__name__}: it comes back as a plain Functional "
+                             "model with the same layers")
+            new = keras.Model.from_config(config)
+    set_weights(new, new_weights or {})
+    return new, notes
 
 
 def _unsafe_deserialization():
