@@ -65,9 +65,29 @@ def _run_converter(converter, names: Sequence[str]) -> bytes:
             return bytes(converter.convert())
         except Exception as exc:  # ConverterError lives in TensorFlow's private modules
             flex = flex_error_from_converter(str(exc), names)
-            if flex is not None:
-                raise flex from None
-            raise
+            if flex is None:
+                raise
+            if "could not be told" in str(flex):
+                _locate_flex_layers(converter, names)  # raises a FlexOpError naming the layer when it can
+            raise flex from None
+
+
+def _locate_flex_layers(converter, names: Sequence[str]) -> None:
+    """Convert once more with TensorFlow ops allowed, to read the layer from the Flex op's tensor names."""
+    import tensorflow as tf
+
+    from keras_rebuild.export.flatbuffer import check_builtin_only
+
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    try:
+        content = bytes(converter.convert())
+    except Exception:  # nothing more to learn
+        return
+    try:
+        check_builtin_only(content, names)
+    except FlexOpError as located:
+        if "could not be told" not in str(located):
+            raise located from None
 
 
 def _configure(converter, tf, quantize: str, int8_io: bool, calibration, specs) -> None:
