@@ -98,4 +98,16 @@ def probe_shape(shape):
     return tuple([1] + inner + [4 if shape[-1] is None else int(shape[-1])])
 
 
+def check_all_set(new_weights, used):
+    """Fail loudly when a weight list found no layer (it would silently keep initial values)."""
+    from keras_rebuild.errors import UnsupportedModelError
+
+    missing = [path for path, w in new_weights.items() if w and path not in used]
+    if missing:
+        raise UnsupportedModelError(
+            f"Expected every layer of the rebuilt model to keep its name. Received: no layer at "
+            f"{missing[:5]} (a layer that renames itself in its constructor?)")
+
+
+
 __all__ = ["FLAVOURS", "flavour_of", "get_backend", "backend_for", "same_flavour"]

@@ -17,7 +17,7 @@ from keras.src import tree
 from keras.src.models.functional import Functional, functional_like_constructor
 from keras.src.saving import serialization_lib
 
-from keras_rebuild.backends import probe_shape
+from keras_rebuild.backends import check_all_set, probe_shape
 from keras_rebuild.errors import NotAModelError, UnsupportedModelError
 from keras_rebuild.graph import Op
 from keras_rebuild.handlers import builtin
@@ -235,7 +235,13 @@ def is_batch_norm(layer) -> bool:
 
 
 def strip_wrappers(model):
-    """Keras 3 models carry no pruning wrappers of ours yet: the model itself."""
+    """Strip keras_rebuild's pruning wrappers (on a copy); else return ``model``."""
+    from keras_rebuild.graph import all_layers
+
+    if any(type(layer).__name__ == "StructuredPruningWrapper" for layer in all_layers(model)):
+        from keras_rebuild.pruning_keras3 import strip_pruning
+
+        return strip_pruning(model)
     return model
 
 
@@ -339,23 +345,27 @@ def build(model, new_configs, input_shapes, new_weights=None):
     # their code, so Keras' safe mode (meant for loading untrusted files) must not refuse it.
     with serialization_lib.SafeModeScope(False), StatelessScope(initialize_variables=False):
         new = rebuilder.model(model, "")
+    used = set()
     try:
-        _initialize(new, new_weights or {}, "", set())
+        _initialize(new, new_weights or {}, "", set(), used)
     finally:
         _forget_initialized()
+    check_all_set(new_weights or {}, used)
     return new, rebuilder.notes
 
 
-def _initialize(model, new_weights, prefix, seen):
+def _initialize(model, new_weights, prefix, seen, used):
     for layer in model.layers:
         if id(layer) in seen:
             continue
         seen.add(id(layer))
         path = prefix + layer.name
         if is_graph_model(layer):
-            _initialize(layer, new_weights, path + "/", seen)
+            _initialize(layer, new_weights, path + "/", seen, used)
             continue
         values = new_weights.get(path)
+        if values:
+            used.add(path)
         weights = list(layer.weights)
         given = {}
         if values:

@@ -13,7 +13,7 @@ import numpy as np
 from keras_rebuild._compat import keras, tf
 from keras_rebuild.errors import NotAModelError, UnsupportedModelError
 from keras_rebuild.graph import Op
-from keras_rebuild.backends import probe_shape
+from keras_rebuild.backends import check_all_set, probe_shape
 from keras_rebuild.handlers import builtin
 
 NAME = "tf_keras"
@@ -277,16 +277,21 @@ def _edit_config(config, prefix, new_configs, input_shapes, top=False):
         config.pop("build_input_shape", None)
 
 
-def set_weights(model, new_weights, prefix=""):
+def set_weights(model, new_weights, prefix="", used=None):
     """Set ``new_weights[path]`` on every layer of ``model`` (nested models included)."""
+    top = used is None
+    used = set() if top else used
     for layer in model.layers:
         path = prefix + layer.name
         if is_graph_model(layer):
-            set_weights(layer, new_weights, path + "/")
+            set_weights(layer, new_weights, path + "/", used)
             continue
         w = new_weights.get(path)
         if w:
             layer.set_weights(w)
+            used.add(path)
+    if top:
+        check_all_set(new_weights, used)
 
 
 def clone_with_weights(model, weights):
