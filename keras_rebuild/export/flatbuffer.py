@@ -33,7 +33,7 @@ def _schema():
 def read_model(content: bytes):
     """The ``ModelT`` object of a flatbuffer."""
     _, fb = _schema()
-    return fb.convert_bytearray_to_object(bytearray(content))
+    return fb.read_model_from_bytearray(bytearray(content))  # resolves buffers stored by offset
 
 
 def write_model(model) -> bytes:
