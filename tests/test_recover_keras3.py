@@ -224,10 +224,11 @@ def test_distillation_loss_is_hintons(teacher_activation, student_activation):
 def test_label_free_distillation_learns_from_the_teacher(digits, trained):
     (x, y), (xt, yt) = digits
     model = student()
-    history = recover(model, x, teacher=trained, epochs=3, batch_size=64, verbose=0)
+    history = recover(model, x, teacher=trained, epochs=4, batch_size=64, verbose=0)
     losses = history.history["distillation_loss"]
     assert losses[-1] < losses[0]
-    assert accuracy(model, xt, yt) > 0.8
+    recalibrate_batchnorm(model, x)
+    assert accuracy(model, xt, yt) > 0.8  # learned the labels from the teacher only
 
 
 # --------------------------------------------------------------------------
