@@ -653,6 +653,9 @@ def randomize_weights(model, seed: int = 0):
                     v = rng.normal(0.0, 1.0 / np.sqrt(fan_in), w.shape)
                 new.append(v.astype(w.dtype))
             layer.set_weights(new)
+            finalize = getattr(layer, "finalize_state", None)
+            if callable(finalize):  # Keras 3 preprocessing layers read their variables only then
+                finalize()
 
     fill(model)
     return model
