@@ -231,6 +231,35 @@ def test_label_free_distillation_learns_from_the_teacher(digits, trained):
     assert accuracy(model, xt, yt) > 0.8  # learned the labels from the teacher only
 
 
+def _two_heads(seed=0, width=8, name="two_heads"):
+    init = lambda i: keras.initializers.GlorotUniform(seed=seed + i)  # noqa: E731
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(width, 3, activation="relu", kernel_initializer=init(0))(inp)
+    h = keras.layers.Flatten()(h)
+    cls = keras.layers.Dense(10, activation="softmax", kernel_initializer=init(1), name="cls")(h)
+    reg = keras.layers.Dense(2, kernel_initializer=init(2), name="reg")(h)
+    return keras.Model(inp, [cls, reg], name=name)
+
+
+def test_multi_output_distillation_reports_each_output(digits):
+    (x, y), _ = digits
+    x, y = x[:512], y[:512]
+    reg_target = np.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], -1)
+    teacher = _two_heads(seed=10, width=16, name="teacher")
+    teacher.compile("adam", ["sparse_categorical_crossentropy", "mse"])
+    teacher.fit(x, [y, reg_target], epochs=3, batch_size=64, verbose=0)
+    model = _two_heads()
+    model.compile(keras.optimizers.Adam(LR), ["sparse_categorical_crossentropy", "mse"])
+    history = recover(model, x, [y, reg_target], teacher=teacher, epochs=3, batch_size=64,
+                      validation_split=0.25, verbose=0)
+    hh = history.history
+    assert {"loss", "distillation_loss", "cls_distillation_loss", "reg_distillation_loss",
+            "val_reg_distillation_loss"} <= set(hh)
+    np.testing.assert_allclose(
+        hh["distillation_loss"], np.add(hh["cls_distillation_loss"], hh["reg_distillation_loss"]), rtol=1e-4)
+    assert hh["reg_distillation_loss"][-1] < hh["reg_distillation_loss"][0]
+
+
 # --------------------------------------------------------------------------
 # BatchNormalization recalibration
 # --------------------------------------------------------------------------
