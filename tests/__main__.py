@@ -42,7 +42,9 @@ def main(argv=None):
             parser.error(f"expected --only to name some of {RUNS}; received {run!r}")
         flavour, _, backend = run.partition(":")
         env = dict(os.environ, KERAS_REBUILD_FLAVOUR=flavour, KERAS_BACKEND=backend or "tensorflow",
-                   TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+                   TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                   # one pytest-xdist worker per core: threads beyond that only contend
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         cmd = [sys.executable, "-m", "pytest", "-n", args.workers, "-p", "no:cacheprovider", *extra]
         print(f"\n=== {run}: {' '.join(cmd[1:])}", flush=True)
         start = time.monotonic()

@@ -85,6 +85,43 @@ def same_flavour(**objects) -> str:
     return next(iter(seen.values()), None)
 
 
+def leaves(x):
+    """The leaves of nested lists, tuples and dict values (the arguments of a layer call)."""
+    if isinstance(x, (list, tuple)):
+        for item in x:
+            yield from leaves(item)
+    elif isinstance(x, dict):
+        for item in x.values():
+            yield from leaves(item)
+    else:
+        yield x
+
+
+def model_errors(model, arg_name, is_model, unbuilt_sequential, walkable):
+    """Raise our errors for a model object a back-end cannot walk (shared by both back-ends)."""
+    from keras_rebuild.errors import UnsupportedModelError
+
+    if not is_model:
+        raise NotAModelError(
+            f"Expected `{arg_name}` to be a Keras Functional or Sequential model. "
+            f"Received: {arg_name}={type(model).__name__!s} object"
+        )
+    if unbuilt_sequential:
+        raise UnsupportedModelError(
+            f"Expected `{arg_name}` to be a built model. The Sequential model '{model.name}' has no "
+            "input shape yet: add `keras.Input(shape)` as its first layer or call `model.build(input_shape)`. "
+            f"Received: {arg_name}=<unbuilt Sequential '{model.name}'>"
+        )
+    if not walkable:
+        raise UnsupportedModelError(
+            f"Expected `{arg_name}` to be a Functional or Sequential model with a layer graph. "
+            f"'{model.name}' is a subclassed model ({type(model).__name__}); its `call()` is Python code "
+            "whose channel dependencies cannot be followed. Rebuild it as a functional model "
+            "(`keras.Model(inputs, outputs)`) and copy the weights over, then prune that. "
+            f"Received: {arg_name}=<{type(model).__name__} '{model.name}'>"
+        )
+
+
 def probe_shape(shape):
     """A small input shape for probing element-wise layers on zeros: batch 1, spatial sizes at most 2.
 

@@ -17,8 +17,7 @@ from keras.src import tree
 from keras.src.models.functional import Functional, functional_like_constructor
 from keras.src.saving import serialization_lib
 
-from keras_rebuild.backends import check_all_set, probe_shape
-from keras_rebuild.errors import NotAModelError, UnsupportedModelError
+from keras_rebuild.backends import check_all_set, leaves, model_errors, probe_shape
 from keras_rebuild.graph import Op
 from keras_rebuild.handlers import builtin
 
@@ -78,25 +77,10 @@ def is_graph_model(obj) -> bool:
 
 
 def check_model(model, arg_name: str = "model"):
-    if not isinstance(model, keras.Model):
-        raise NotAModelError(
-            f"Expected `{arg_name}` to be a Keras Functional or Sequential model. "
-            f"Received: {arg_name}={type(model).__name__!s} object"
-        )
-    if isinstance(model, keras.Sequential) and _function_of(model) is None:
-        raise UnsupportedModelError(
-            f"Expected `{arg_name}` to be a built model. The Sequential model '{model.name}' has no "
-            "input shape yet: add `keras.Input(shape)` as its first layer or call `model.build(input_shape)`. "
-            f"Received: {arg_name}=<unbuilt Sequential '{model.name}'>"
-        )
-    if not is_graph_model(model):
-        raise UnsupportedModelError(
-            f"Expected `{arg_name}` to be a Functional or Sequential model with a layer graph. "
-            f"'{model.name}' is a subclassed model ({type(model).__name__}); its `call()` is Python code "
-            "whose channel dependencies cannot be followed. Rebuild it as a functional model "
-            "(`keras.Model(inputs, outputs)`) and copy the weights over, then prune that. "
-            f"Received: {arg_name}=<{type(model).__name__} '{model.name}'>"
-        )
+    is_model = isinstance(model, keras.Model)
+    model_errors(model, arg_name, is_model,
+                 is_model and isinstance(model, keras.Sequential) and _function_of(model) is None,
+                 is_graph_model(model))
 
 
 def model_inputs(model):
@@ -138,24 +122,13 @@ def walk(graph, model, prefix: str):
                 graph.add_nested(layer, path, inputs, outputs, model_inputs(layer), model_outputs(layer), node, calls)
                 continue
             fn_name = OP_FUNCTIONS.get(type(layer))
-            constants = tuple(a for a in node.arguments.args if not any(_is_tensor(t) for t in _leaves(a)))
+            constants = tuple(a for a in node.arguments.args if not any(_is_tensor(t) for t in leaves(a)))
             options = {k: v for k, v in node.arguments.kwargs.items()
-                       if not any(_is_tensor(t) for t in _leaves(v))}
+                       if not any(_is_tensor(t) for t in leaves(v))}
             if fn_name is None and not isinstance(layer, keras.layers.Layer):
                 fn_name = "keras.ops." + type(layer).__name__
             graph.add_layer_op(Op("layer", layer, path, inputs, outputs, node, fn=fn_name,
                                   constants=constants, options=options))
-
-
-def _leaves(x):
-    if isinstance(x, (list, tuple)):
-        for item in x:
-            yield from _leaves(item)
-    elif isinstance(x, dict):
-        for item in x.values():
-            yield from _leaves(item)
-    else:
-        yield x
 
 
 def probe_zero(op) -> bool:

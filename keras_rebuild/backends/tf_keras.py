@@ -11,9 +11,8 @@ import copy
 import numpy as np
 
 from keras_rebuild._compat import keras, tf
-from keras_rebuild.errors import NotAModelError, UnsupportedModelError
 from keras_rebuild.graph import Op
-from keras_rebuild.backends import check_all_set, probe_shape
+from keras_rebuild.backends import check_all_set, model_errors, probe_shape
 from keras_rebuild.handlers import builtin
 
 NAME = "tf_keras"
@@ -58,25 +57,9 @@ def is_graph_model(obj) -> bool:
 
 
 def check_model(model, arg_name: str = "model"):
-    if not isinstance(model, keras.Model):
-        raise NotAModelError(
-            f"Expected `{arg_name}` to be a Keras Functional or Sequential model. "
-            f"Received: {arg_name}={type(model).__name__!s} object"
-        )
-    if isinstance(model, keras.Sequential) and not model.built:
-        raise UnsupportedModelError(
-            f"Expected `{arg_name}` to be a built model. The Sequential model '{model.name}' has no "
-            "input shape yet: add `keras.Input(shape)` as its first layer or call `model.build(input_shape)`. "
-            f"Received: {arg_name}=<unbuilt Sequential '{model.name}'>"
-        )
-    if not is_graph_model(model):
-        raise UnsupportedModelError(
-            f"Expected `{arg_name}` to be a Functional or Sequential model with a layer graph. "
-            f"'{model.name}' is a subclassed model ({type(model).__name__}); its `call()` is Python code "
-            "whose channel dependencies cannot be followed. Rebuild it as a functional model "
-            "(`keras.Model(inputs, outputs)`) and copy the weights over, then prune that. "
-            f"Received: {arg_name}=<{type(model).__name__} '{model.name}'>"
-        )
+    is_model = isinstance(model, keras.Model)
+    model_errors(model, arg_name, is_model, is_model and isinstance(model, keras.Sequential) and not model.built,
+                 is_graph_model(model))
 
 
 def model_inputs(model):

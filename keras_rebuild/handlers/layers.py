@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from keras_rebuild.backends import leaves
 from keras_rebuild.handlers.base import LayerHandler
 from keras_rebuild.handlers.builtin import builtin_handler
 from keras_rebuild.handlers.common import (
@@ -415,19 +416,8 @@ _PRODUCT = {"multiply"}
 _REDUCE = {"mean", "max", "sum", "min"}
 
 
-def _leaves(x):
-    if isinstance(x, (list, tuple)):
-        for item in x:
-            yield from _leaves(item)
-    elif isinstance(x, dict):
-        for item in x.values():
-            yield from _leaves(item)
-    else:
-        yield x
-
-
 def _constants_scalar(op) -> bool:
-    for arg in _leaves((op.constants, op.options)):
+    for arg in leaves((op.constants, op.options)):
         if arg is None or isinstance(arg, (str, bool)):
             continue
         if np.ndim(arg) != 0:
