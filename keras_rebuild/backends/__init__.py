@@ -85,6 +85,18 @@ def same_flavour(**objects) -> str:
     return next(iter(seen.values()), None)
 
 
+def producer(tensor):
+    """``(layer, tensor_index)`` of the layer call that produced a symbolic tensor, or ``None``.
+
+    The same record (``_keras_history``) in both Kerases.
+    """
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    layer = getattr(history, "operation", None) or getattr(history, "layer", None)
+    return layer, history.tensor_index
+
+
 def leaves(x):
     """The leaves of nested lists, tuples and dict values (the arguments of a layer call)."""
     if isinstance(x, (list, tuple)):

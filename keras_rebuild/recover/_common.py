@@ -156,18 +156,20 @@ def _activation_name(activation: Any) -> Optional[str]:
 
 def _producing_activation(tensor: Any, keras, flatten) -> Optional[str]:
     """Name of the activation that produces a symbolic Keras tensor, or None."""
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
+    from keras_rebuild.backends import producer
+
+    made_by = producer(tensor)
+    if made_by is None:
         return None
-    layer = getattr(history, "operation", None) or getattr(history, "layer", None)
+    layer, tensor_index = made_by
     if isinstance(layer, keras.layers.Softmax):
         return "softmax"
     if isinstance(layer, keras.Model):
         inner = getattr(layer, "outputs", None)
         if inner:
             inner = flatten(inner)
-            if history.tensor_index < len(inner):
-                return _producing_activation(inner[history.tensor_index], keras, flatten)
+            if tensor_index < len(inner):
+                return _producing_activation(inner[tensor_index], keras, flatten)
         return None
     if hasattr(layer, "activation"):
         return _activation_name(layer.activation) or "linear"

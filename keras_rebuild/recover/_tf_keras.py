@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from keras_rebuild._compat import keras, tf
+from keras_rebuild.backends import tf_keras as _tf_keras_backend
 from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError
 from keras_rebuild.recover._common import EPSILON as _EPSILON
 from keras_rebuild.recover._common import logger, plan_outputs
@@ -139,9 +140,7 @@ class _Distillation:
             y_pred = model(x, training=True)
             # The compiled loss tracks "loss" (hard loss + regularisation, like
             # fit/evaluate) and returns it already divided by the replica count.
-            hard = model.compiled_loss(
-                y, y_pred, sample_weight, regularization_losses=model.losses
-            )
+            hard = _tf_keras_backend.compiled_loss_value(model, y, y_pred, sample_weight)
             terms = self._terms(y_pred, t_pred, sample_weight)
             soft = tf.add_n(terms) / replicas
             reg = (
@@ -166,7 +165,7 @@ class _Distillation:
         model = self.student
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = model(x, training=False)
-        model.compiled_loss(y, y_pred, sample_weight, regularization_losses=model.losses)
+        _tf_keras_backend.compiled_loss_value(model, y, y_pred, sample_weight)
         if y is not None:
             model.compiled_metrics.update_state(y, y_pred, sample_weight)
         t_pred = self.teacher(x, training=False)
