@@ -893,7 +893,13 @@ class UpdatePruningStep(keras.callbacks.Callback):
             crit.set_data(model, x, y)
         current = _current_weights(model)
         current = {p: w for p, w in current.items() if p in analysis.weights}
-        scores = crit(analysis, weights=current)
+        if crit.needs_data:
+            # Measured on the live wrapped model (which applies its masks itself); the analysis' weights
+            # (read by fallbacks for unmeasurable groups) are brought up to date first.
+            analysis.weights.update(current)
+            scores = crit(analysis)
+        else:
+            scores = crit(analysis, weights=current)
         if self.plan_ is None:  # resuming: the saved masks are the decision so far, read back once
             self.plan_ = _shared.plan_of_masks(analysis, self._wrappers)
         scores = _shared.rank_pruned_last(analysis, scores, self.plan_.apply(analysis))
