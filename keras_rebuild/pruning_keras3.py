@@ -239,6 +239,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         masking = [(var, dict(r)) for var, r, mk in zip(self.layer.weights, roles, maskable) if mk and r]
         object.__setattr__(self, "_masking", masking)
         object.__setattr__(self, "_multiplier", int(m))
+        object.__setattr__(self, "_pass_training", _accepts(self.layer.call, "training"))
         self.built = True
 
     # -- call ------------------------------------------------------------------
@@ -270,7 +271,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
             mask = keras.ops.cast(self.in_channel_mask, gamma.dtype)
             self.add_loss(self.bn_l1 * keras.ops.sum(keras.ops.abs(gamma * mask)))
         kw = dict(kwargs)
-        if training is not None and _accepts(inner.call, "training"):
+        if training is not None and getattr(self, "_pass_training", False):
             kw["training"] = training
         masked = [(var, self._masked(var, roles)) for var, roles in self._masking]
         with _MaskScope(masked) as scope:

@@ -341,3 +341,28 @@ def test_trains_under_data_parallel_on_two_jax_devices():
     assert int(pruned_plan) > 0 and int(pruned_masks) > 0
     assert float(diff) < 1e-5
     assert tf_loaded == "False"  # no TensorFlow through keras_rebuild on JAX
+
+
+NO_TENSORFLOW = textwrap.dedent("""
+    import sys
+    import keras_rebuild as kr
+    from keras_rebuild.pruning import UpdatePruningStep, prune_channels, strip_pruning
+
+    (x, y), _ = kr.load_digits()
+    schedule = kr.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=6, frequency=2)
+    pruned = prune_channels(kr.digits_cnn(width=8, flavour="keras3"), pruning_schedule=schedule)
+    pruned.compile("adam", "sparse_categorical_crossentropy")
+    pruned.fit(x[:128], y[:128], batch_size=16, epochs=1, verbose=0, callbacks=[UpdatePruningStep()])
+    small = kr.rebuild(strip_pruning(pruned))
+    print("RESULT", "tensorflow" in sys.modules, small.count_params() < pruned.count_params())
+""")
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="JAX is checked by the DataParallel subprocess; TF is the backend")
+def test_pruning_on_torch_never_loads_tensorflow():
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, out.stderr[-3000:]
+    assert lines[0].split()[1:] == ["False", "True"]
