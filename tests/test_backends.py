@@ -230,19 +230,3 @@ def _has(module):
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
-
-
-@pytest.mark.keras3_only
-def test_readme_keras3_section_runs_as_written(tmp_path, monkeypatch, capsys):
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Keras 3 (TensorFlow, JAX or torch)", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    namespace = {}
-    exec(compile(code, "README Keras 3 section", "exec"), namespace)  # noqa: S102 - our own README
-    out = capsys.readouterr().out
-    assert "after recovery" in out
-    assert (tmp_path / "plan.json").exists()
-    assert namespace["small"].count_params() < 0.6 * namespace["model"].count_params()
-    accuracy = float(re.search(r"after recovery: ([\d.]+)%", out).group(1))
-    assert accuracy > 90.0
