@@ -174,6 +174,8 @@ def compress(
         raise InvalidArgumentTypeError(f"Expected `target` to be a number. Received: {received('target', target)}")
     if not 0 < target < 1:
         raise InvalidArgumentError(f"Expected `target` to be a ratio in (0, 1). Received: target={target}")
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise InvalidArgumentTypeError(f"Expected `step` to be a number in (0, 1). Received: {received('step', step)}")
     if not 0 < step < 1:
         raise InvalidArgumentError(f"Expected `step` to be in (0, 1). Received: step={step}")
     for name, value in (("max_steps", max_steps), ("recover_epochs", recover_epochs)):

@@ -91,6 +91,25 @@ def _layer_names(analysis) -> Dict[str, List[str]]:
     return names
 
 
+def check_ignore(ignore) -> List[str]:
+    """``ignore`` as a list of layer names (one name may be given alone).
+
+    Raises:
+        InvalidArgumentTypeError: when ``ignore`` is not a name or a list of names.
+    """
+    if isinstance(ignore, str):
+        return [ignore]
+    try:
+        names = list(ignore or ())
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise InvalidArgumentTypeError(
+            f"Expected `ignore` to be a list of layer names or paths. Received: ignore={ignore!r}"
+        )
+    return names
+
+
 def ignored_groups(analysis: Analysis, ignore: Iterable[str]) -> set:
     """Names of the groups left whole because a member layer is in ``ignore``.
 
@@ -101,14 +120,7 @@ def ignored_groups(analysis: Analysis, ignore: Iterable[str]) -> set:
         InvalidArgumentError: for a name that is no layer of the model (the
             message lists close matches).
     """
-    if isinstance(ignore, str):
-        ignore = [ignore]
-    try:
-        ignore = list(ignore or ())
-    except TypeError:
-        raise InvalidArgumentTypeError(
-            f"Expected `ignore` to be a list of layer names or paths. Received: ignore={ignore!r}"
-        ) from None
+    ignore = check_ignore(ignore)
     names = _layer_names(analysis)
     paths = set()
     for name in ignore:

@@ -81,6 +81,10 @@ def prune_channels(model, sparsity: Optional[float] = None, pruning_schedule=Non
     Example:
         >>> pruned = kr.prune_channels(model, sparsity=0.5)   # doctest: +SKIP
     """
+    if "ignore" in kwargs:
+        from keras_rebuild.plan import check_ignore
+
+        kwargs["ignore"] = check_ignore(kwargs["ignore"])
     return _implementation_for(model).prune_channels(model, sparsity=sparsity, pruning_schedule=pruning_schedule,
                                                       **kwargs)
 

@@ -890,6 +890,10 @@ def strip_pruning(model):
             new.set_weights(old.masked_layer_weights())
         elif old.weights:
             new.set_weights(old.get_weights())
+    if any(type(layer).__name__ == "PruneLowMagnitude" for layer in all_layers(stripped)):
+        from keras_rebuild._compat import tfmot
+
+        stripped = tfmot().sparsity.keras.strip_pruning(stripped)  # tfmot's wrappers go too (on our copy)
     return stripped
 
 

@@ -13,6 +13,7 @@ import keras_rebuild as kr
 from keras_rebuild import masks
 from keras_rebuild.errors import (
     InvalidArgumentError,
+    InvalidArgumentTypeError,
     InvalidWeightsError,
     KerasRebuildError,
     NotAModelError,
@@ -631,3 +632,45 @@ def test_int8_io_export_reports_scale_and_zero_point():
     assert isinstance(result.outputs[0]["zero_point"], int)
     assert "zero point" in result.summary()
 
+
+
+# ---------------------------------------------------------------------------- issue 12: items 12, 14
+@pytest.mark.parametrize("ignore", [5, 1.5, ["conv1", 3]])
+def test_prune_channels_and_select_channels_refuse_an_ignore_that_is_not_names(ignore):
+    model = kr.digits_cnn(width=4, flavour=os.environ.get("KERAS_REBUILD_FLAVOUR", "tf_keras"))
+    for fn in (kr.prune_channels, kr.select_channels):
+        with pytest.raises(InvalidArgumentTypeError) as excinfo:
+            fn(model, sparsity=0.5, ignore=ignore)
+        assert_our_error(excinfo, "Expected `ignore`", "Received: ignore=")
+
+
+@pytest.mark.parametrize("step", ["0.2", None, True])
+def test_compress_refuses_a_step_that_is_not_a_number(step):
+    model = kr.digits_cnn(width=4, flavour=os.environ.get("KERAS_REBUILD_FLAVOUR", "tf_keras"))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    x = np.zeros((8, 8, 8, 1), "float32")
+    with pytest.raises(InvalidArgumentTypeError) as excinfo:
+        kr.compress(model, 0.5, x, np.zeros(8, "int64"), step=step)
+    assert_our_error(excinfo, "Expected `step`", "Received: step=")
+
+
+@pytest.mark.tf_keras_only
+def test_strip_pruning_of_a_tfmot_model_strips_tfmot_wrappers_too_and_leaves_it_untouched():
+    from keras_rebuild._compat import tfmot
+    from keras_rebuild.testing import weights_digest
+
+    sparsity = tfmot().sparsity.keras
+    pruned = sparsity.prune_low_magnitude(kr.digits_cnn(width=4), pruning_schedule=sparsity.ConstantSparsity(0.5, 0))
+    digest = weights_digest(pruned)
+    stripped = kr.strip_pruning(pruned)
+    assert weights_digest(pruned) == digest
+    names = {type(layer).__name__ for layer in stripped.layers}
+    assert "PruneLowMagnitude" not in names and "Conv2D" in names
+    x = random_inputs(stripped, seed=2)
+    np.testing.assert_allclose(predict_of(stripped, x), predict_of(sparsity.strip_pruning(pruned), x), atol=1e-6)
+
+
+def predict_of(model, x):
+    from keras_rebuild.testing import predict
+
+    return predict(model, x)[0]
