@@ -281,6 +281,7 @@ def select_remove(
     min_channels = _check_int("min_channels", min_channels, 0)
     skip = ignored_groups(analysis, ignore)
     groups = [g for g in analysis.groups if g.prunable and g.name not in skip]
+    _warn_about_whole_groups(groups, round_to, min_channels)
     scores = _check_scores(analysis, scores, groups)
 
     pruned: Dict[str, np.ndarray] = {}
@@ -327,6 +328,20 @@ def select_remove(
     for g in groups:
         remove[g.components[pruned[g.name]]] = True
     return analysis.keep_nonempty(remove)
+
+
+def _warn_about_whole_groups(groups, round_to, min_channels):
+    """Warn when ``round_to`` or ``min_channels`` leave whole groups unprunable (silently, otherwise)."""
+    import warnings
+
+    whole = [g for g in groups if round_to >= g.size or min_channels >= g.size]
+    if whole:
+        names = ", ".join(f"'{g.name}' ({g.size} channels)" for g in whole[:5])
+        more = f" and {len(whole) - 5} more" if len(whole) > 5 else ""
+        warnings.warn(
+            f"round_to={round_to} / min_channels={min_channels} keep every channel of {len(whole)} group(s): "
+            f"{names}{more}; nothing can be pruned there. Lower them to prune those groups.",
+            UserWarning, stacklevel=3)
 
 
 def _give_back(g, s, chosen, min_channels, round_to) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from keras_rebuild.backends import config_of
 from keras_rebuild.errors import InvalidArgumentTypeError
 from keras_rebuild.graph import check_model
 from keras_rebuild.groups import Analysis, _table
@@ -249,7 +250,7 @@ def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = 
         sliced = weights
         if changed and handler.kind != "blocked":
             if build:
-                new_configs[path] = handler.update_config(layer, layer.get_config(), len(k_in), len(k_out))
+                new_configs[path] = handler.update_config(layer, config_of(layer, path), len(k_in), len(k_out))
             sliced = handler.slice_weights(layer, weights, k_in, k_out) if weights else []
         new_weights[path] = sliced
         m_before = sum(handler.macs(layer, o, g, c_in, c_out) for o in ops)

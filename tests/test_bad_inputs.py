@@ -674,3 +674,31 @@ def predict_of(model, x):
     from keras_rebuild.testing import predict
 
     return predict(model, x)[0]
+
+
+def test_a_custom_regularizer_without_get_config_is_named_with_what_to_do():
+    class Penalty(keras.regularizers.Regularizer):
+        def __call__(self, x):
+            return 1e-3 * keras.ops.sum(keras.ops.abs(x)) if hasattr(keras, "ops") else 1e-3 * abs(x).sum()
+
+        def get_config(self):
+            raise NotImplementedError
+
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c1", kernel_regularizer=Penalty())(inp)
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="c2")(x))))
+    kernel = model.get_layer("c1").get_weights()
+    kernel[0][..., :4] = 0.0
+    kernel[1][:4] = 0.0
+    model.get_layer("c1").set_weights(kernel)
+    with pytest.raises(UnsupportedModelError) as excinfo:
+        kr.rebuild(model)
+    assert_our_error(excinfo, "'c1'", "get_config()", "Received: NotImplementedError")
+
+
+@pytest.mark.parametrize("kwargs", [{"round_to": 64}, {"min_channels": 64}])
+def test_round_to_or_min_channels_beyond_a_group_size_warns_naming_the_groups(kwargs):
+    model = kr.digits_cnn(width=8, flavour=os.environ.get("KERAS_REBUILD_FLAVOUR", "tf_keras"))
+    with pytest.warns(UserWarning, match="keep every channel of .* 'conv1' \\(8 channels\\)"):
+        plan = kr.select_channels(model, sparsity=0.5, **kwargs)
+    assert plan.channels_after == plan.channels_before

@@ -97,6 +97,21 @@ def producer(tensor):
     return layer, history.tensor_index
 
 
+def config_of(layer, path: str) -> dict:
+    """``layer.get_config()``, or our error naming the layer when an object in it cannot be serialised."""
+    try:
+        return layer.get_config()
+    except NotImplementedError as exc:
+        from keras_rebuild.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"Expected every layer to have a config Keras can rebuild from. Layer '{path}' "
+            f"({type(layer).__name__}) holds an object without `get_config()` (a custom regularizer, "
+            "constraint, initializer or activation?): give that class a `get_config()` method returning its "
+            f"constructor arguments. Received: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def leaves(x):
     """The leaves of nested lists, tuples and dict values (the arguments of a layer call)."""
     if isinstance(x, (list, tuple)):

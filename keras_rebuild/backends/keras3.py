@@ -17,7 +17,7 @@ from keras.src import tree
 from keras.src.models.functional import Functional, functional_like_constructor
 from keras.src.saving import serialization_lib
 
-from keras_rebuild.backends import check_all_set, leaves, model_errors, probe_shape
+from keras_rebuild.backends import check_all_set, config_of, leaves, model_errors, probe_shape
 from keras_rebuild.graph import Op
 from keras_rebuild.handlers import builtin
 
@@ -260,7 +260,7 @@ class _Rebuilder:
         else:
             config = self.new_configs.get(path)
             if config is None:
-                config = layer.get_config()
+                config = config_of(layer, path)
             new = type(layer).from_config(config)
             if new.name != layer.name:
                 # Some layers rename themselves in their constructor, so from_config(get_config())

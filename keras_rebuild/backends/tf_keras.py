@@ -12,7 +12,7 @@ import numpy as np
 
 from keras_rebuild._compat import keras, tf
 from keras_rebuild.graph import Op
-from keras_rebuild.backends import check_all_set, model_errors, probe_shape
+from keras_rebuild.backends import check_all_set, config_of, model_errors, probe_shape
 from keras_rebuild.handlers import builtin
 
 NAME = "tf_keras"
@@ -210,7 +210,14 @@ def build(model, new_configs, input_shapes, new_weights=None):
     Nested models' inputs take the shapes of ``input_shapes``; weights are set afterwards.
     Returns ``(model, notes)``; ``notes`` say what did not carry over.
     """
-    config = copy.deepcopy(model.get_config())
+    try:
+        config = copy.deepcopy(model.get_config())
+    except NotImplementedError:
+        from keras_rebuild.graph import all_layers
+
+        for layer in all_layers(model):
+            config_of(layer, layer.name)  # raises our error naming the first layer that cannot serialise
+        raise
     _edit_config(config, "", new_configs, input_shapes, top=True)
     custom = {}
     from keras_rebuild.graph import all_layers
