@@ -264,6 +264,20 @@ def test_one_shot_masks_stay_fixed_during_fine_tuning_with_the_bn_penalty(digits
     assert_exact(kr.rebuild(pruned), pruned, x[:8])
 
 
+def test_nested_models_are_pruned_through_their_paths(digits):
+    x, y = digits
+    inner = cnn()
+    backbone = keras.Model(inner.input, inner.get_layer("fc1").output, name="backbone")
+    inp = keras.Input((8, 8, 1))
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="head")(backbone(inp)))
+    pruned = compiled(prune_channels(model, pruning_schedule=kr.ConstantSparsity(0.5, begin_step=2)))
+    assert "backbone/conv2" in wrappers(pruned) and "head" in wrappers(pruned)
+    pruned.fit(x[:128], y[:128], batch_size=32, epochs=1, verbose=0, callbacks=[UpdatePruningStep()])
+    small = kr.rebuild(pruned)
+    assert_exact(small, pruned, x[:8])
+    assert small.count_params() < 0.5 * model.count_params()
+
+
 # ----------------------------------------------------------------------------- saving
 def test_wrapped_model_saves_loads_and_resumes_its_schedule(digits, tmp_path):
     x, y = digits
