@@ -6,6 +6,12 @@ recovers its accuracy by distilling from the unpruned model, exports both
 models to float32 and int8 TFLite, and prints a before/after table::
 
     keras-rebuild demo --quick --output-dir demo_out
+    KERAS_BACKEND=jax keras-rebuild demo        # Keras 3 (the default) on JAX
+    keras-rebuild demo --flavour tf_keras       # the tf_keras (+ tfmot) flavour
+
+The model is a Keras 3 model (``import keras``) on the backend that
+``KERAS_BACKEND`` names (TensorFlow when unset), or a tf_keras model with
+``--flavour tf_keras``.
 
 Nothing is downloaded: the data are scikit-learn's bundled 8x8 digits.
 """
@@ -20,10 +26,12 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from keras_rebuild._compat import keras
 from keras_rebuild.errors import InvalidArgumentError, OutputExistsError, received
 
 log = logging.getLogger(__name__)
+
+#: The Keras flavours the demo runs on; the first is the default.
+FLAVOURS = ("keras3", "tf_keras")
 
 #: Files written by :func:`run_demo` into ``output_dir``.
 OUTPUT_FILES = (
@@ -33,6 +41,15 @@ OUTPUT_FILES = (
     "rebuilt_int8.tflite",
     "rebuilt.keras",
 )
+
+
+def _flavour_keras(flavour: str):
+    """The Keras module of ``flavour``, imported now (Keras reads ``KERAS_BACKEND`` here)."""
+    if flavour == "tf_keras":
+        from keras_rebuild._compat import keras
+    else:
+        import keras
+    return keras
 
 
 def _accuracy(probs: np.ndarray, y: np.ndarray) -> float:
@@ -84,8 +101,9 @@ def format_table(results: Dict[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     sparsity = results["sparsity"]
     lines.append("")
+    where = "Keras 3, " + results["backend"] + " backend" if results.get("flavour") == "keras3" else "tf_keras"
     lines.append(f"{sparsity:.0%} of the channels of every prunable layer removed; recovered with distillation "
-                 f"from the dense model. Files in {results['output_dir']}")
+                 f"from the dense model ({where}). Files in {results['output_dir']}")
     return "\n".join(lines)
 
 
@@ -98,6 +116,7 @@ def run_demo(
     seed: int = 0,
     overwrite: bool = False,
     latency_runs: int = 50,
+    flavour: str = "keras3",
 ) -> Dict[str, Any]:
     """Run the main job on bundled digits data and return every number of the table.
 
@@ -120,17 +139,20 @@ def run_demo(
         overwrite: Replace existing output files. When ``False``, the demo
             stops before training if any of its files already exists.
         latency_runs: Timed runs per model per round of the latency comparison.
+        flavour: ``"keras3"`` (``import keras``, on the backend ``KERAS_BACKEND``
+            names) or ``"tf_keras"`` (the Keras 2 API that tfmot uses).
 
     Returns:
         A dict with ``"dense"`` and ``"rebuilt"`` entries (each a dict with
         ``params``, ``macs``, ``tflite_float32_bytes``, ``tflite_int8_bytes``,
         ``latency_float32_ms``, ``latency_int8_ms``, ``accuracy_keras``,
         ``accuracy_int8_tflite``, ``paths``), plus ``"accuracy_pruned_before_recovery"``,
-        ``"sparsity"``, ``"output_dir"``, ``"seconds"``, ``"report"`` (the
+        ``"sparsity"``, ``"flavour"``, ``"backend"``, ``"output_dir"``, ``"seconds"``, ``"report"`` (the
         :class:`~keras_rebuild.rebuild.RebuildReport`) and ``"table"`` (text).
 
     Raises:
-        InvalidArgumentError: ``sparsity`` or ``epochs`` out of range.
+        InvalidArgumentError: ``sparsity`` or ``epochs`` out of range, or an
+            unknown ``flavour``.
         OutputExistsError: An output file exists and ``overwrite`` is False.
 
     Example:
@@ -146,6 +168,9 @@ def run_demo(
             f"Expected `sparsity` to be a float in [0, 1). Received: {received('sparsity', sparsity)}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InvalidArgumentError(f"Expected `epochs` to be an integer >= 1. Received: {received('epochs', epochs)}")
+    if flavour not in FLAVOURS:
+        raise InvalidArgumentError(
+            f"Expected `flavour` to be one of {FLAVOURS}. Received: {received('flavour', flavour)}")
     if quick:
         epochs = min(epochs, 12)
         latency_runs = min(latency_runs, 20)
@@ -165,12 +190,14 @@ def run_demo(
             )
 
     start = time.perf_counter()
+    keras = _flavour_keras(flavour)
+    backend = keras.backend.backend()
     keras.utils.set_random_seed(seed)
     (x, y), (xt, yt) = kr.load_digits(seed=seed)
     calibration = x[:256]
 
-    log.info("Training the dense digits CNN (%d epochs)...", epochs)
-    dense = kr.digits_cnn(width=32, seed=seed)
+    log.info("Training the dense digits CNN (%s, %s backend; %d epochs)...", flavour, backend, epochs)
+    dense = kr.digits_cnn(width=32, seed=seed, flavour=flavour)
     dense.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     dense.fit(x, y, epochs=epochs, batch_size=32, verbose=0, shuffle=True)
     acc_dense = _accuracy(dense.predict(xt, verbose=0), yt)
@@ -206,7 +233,8 @@ def run_demo(
         num_threads=1, runs=latency_runs, rounds=5,
     )
 
-    results: Dict[str, Any] = {"sparsity": float(sparsity), "output_dir": output_dir, "report": report,
+    results: Dict[str, Any] = {"sparsity": float(sparsity), "flavour": flavour, "backend": backend,
+                               "output_dir": output_dir, "report": report,
                                "accuracy_pruned_before_recovery": acc_pruned, "epochs": epochs,
                                "recovery_epochs": recovery_epochs}
     for name, model, acc, params, macs in (
@@ -244,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsity", type=float, default=0.6, help="fraction of channels to remove (default 0.6)")
     parser.add_argument("--quick", action="store_true", help="fewer epochs and timing runs")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="keras3",
+                        help="keras3: `import keras` on the backend KERAS_BACKEND names (TensorFlow when unset); "
+                             "tf_keras: the Keras 2 API that tfmot uses (default keras3)")
     parser.add_argument("--force", action="store_true", help="overwrite the demo's files in --output-dir")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -269,7 +300,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.setLevel(logging.INFO)  # the demo's own progress lines; library loggers keep their level
     try:
         results = run_demo(output_dir=args.output_dir, epochs=args.epochs, sparsity=args.sparsity,
-                           quick=args.quick, seed=args.seed, overwrite=args.force)
+                           quick=args.quick, seed=args.seed, overwrite=args.force,
+                           flavour=args.flavour)
     except KerasRebuildError as exc:
         print(f"error: {exc}")
         return 2
@@ -283,4 +315,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["run_demo", "format_table", "main", "OUTPUT_FILES"]
+__all__ = ["run_demo", "format_table", "main", "OUTPUT_FILES", "FLAVOURS"]

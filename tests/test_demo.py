@@ -1,16 +1,50 @@
-"""The end-to-end demo: prune -> rebuild -> recover -> export on digits."""
+"""The end-to-end demo: prune -> rebuild -> recover -> export on digits.
+
+The demo runs on Keras 3 by default and on tf_keras with ``--flavour tf_keras``.
+The full run (about a minute) happens once per flavour: tf_keras in the tf_keras
+process, Keras 3 in the Keras 3 TensorFlow process (the backend a fresh
+``pip install ".[demo]"`` gives). The JAX and torch processes run the cheap
+argument tests only; the README's Quickstart test covers the pipeline there.
+"""
+import inspect
 import os
 
 import pytest
 
-from keras_rebuild.demo import OUTPUT_FILES, main, run_demo
+from keras_rebuild.demo import FLAVOURS, OUTPUT_FILES, build_parser, main, run_demo
 from keras_rebuild.errors import InvalidArgumentError, OutputExistsError
+
+FLAVOUR = os.environ.get("KERAS_REBUILD_FLAVOUR", "tf_keras")
+BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow") if FLAVOUR == "keras3" else "tensorflow"
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    if BACKEND != "tensorflow":
+        pytest.skip("the full demo runs in the tf_keras and Keras 3 TensorFlow processes (CI time)")
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(quick=True, output_dir=str(out))
+    return run_demo(quick=True, output_dir=str(out), flavour=FLAVOUR)
+
+
+def test_demo_runs_on_the_flavour_it_was_asked_for(demo):
+    assert demo["flavour"] == FLAVOUR and demo["backend"] == "tensorflow"
+    assert ("Keras 3, tensorflow backend" if FLAVOUR == "keras3" else "(tf_keras)") in demo["table"]
+
+
+def test_demo_defaults_to_keras3_with_a_tf_keras_option():
+    assert FLAVOURS == ("keras3", "tf_keras")
+    assert inspect.signature(run_demo).parameters["flavour"].default == "keras3"
+    assert build_parser().parse_args([]).flavour == "keras3"
+    assert build_parser().parse_args(["--flavour", "tf_keras"]).flavour == "tf_keras"
+
+
+def test_demo_rejects_an_unknown_flavour_before_writing_anything(tmp_path, capsys):
+    with pytest.raises(InvalidArgumentError, match="flavour='keras2'"):
+        run_demo(quick=True, flavour="keras2", output_dir=str(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        main(["--flavour", "keras2", "-o", str(tmp_path)])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_demo_rebuilt_model_has_less_than_half_the_params_and_macs(demo):
@@ -76,4 +110,4 @@ def test_python_dash_m_demo_passes_options_through_to_the_demo(capsys):
         main(["demo", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "--output-dir" in out and "--quick" in out
+    assert "--output-dir" in out and "--quick" in out and "--flavour" in out and "tf_keras" in out
