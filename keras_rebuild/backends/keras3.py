@@ -158,8 +158,11 @@ def to_numpy(x):
 
 
 def loss_of(model):
-    """The loss ``model`` was compiled with, or None."""
-    return getattr(model, "loss", None) or None
+    """The loss function ``model`` was compiled with (a name resolved through Keras), or None."""
+    loss = getattr(model, "loss", None)
+    if not loss:
+        return None
+    return keras.losses.get(loss) if isinstance(loss, (str, dict)) else loss
 
 
 def loss_value(fn, y, preds):
