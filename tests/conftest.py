@@ -23,7 +23,7 @@ BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow") if FLAVOUR == "keras3" e
 # Test files of code that supports tf_keras only (so far): not collected on Keras 3.
 TF_KERAS_ONLY_FILES = [
     "test_wrappers.py", "test_recover.py", "test_export.py", "test_cli.py",
-    "test_notebooks.py", "test_safety.py", "test_schedules.py",
+    "test_safety.py", "test_schedules.py",
 ]
 collect_ignore = TF_KERAS_ONLY_FILES if FLAVOUR == "keras3" else []
 
