@@ -60,6 +60,17 @@ from keras_rebuild.errors import (
 )
 from keras_rebuild.graph import all_layers, check_model, is_graph_model
 from keras_rebuild.handlers import LayerHandler, get_handler, mask_array, register_handler
+from keras_rebuild.pruning import Runtime as _Runtime
+from keras_rebuild.pruning import apply_plan as _apply_plan
+from keras_rebuild.pruning import criterion_name as _criterion_name
+from keras_rebuild.pruning import jsonable as _jsonable
+from keras_rebuild.pruning import make_plan as _plan
+from keras_rebuild.pruning import plan_of_masks as _plan_of_masks
+from keras_rebuild.pruning import rank_pruned_last as _rank_pruned_last
+from keras_rebuild.pruning import select as _select
+from keras_rebuild.pruning import serialize_schedule as _serialize_schedule
+from keras_rebuild.pruning import split_data as _split_data
+from keras_rebuild.pruning import with_frequency as _with_frequency
 
 log = logging.getLogger("keras_rebuild")
 
@@ -300,6 +311,14 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
             for w, roles, mk in zip(weights, handler.weight_roles(self.layer), handler.maskable(self.layer))
         ]
 
+    def mask_sizes(self):
+        """``(input channels, output channels)`` of the masks."""
+        return int(self.in_channel_mask.shape[0]), int(self.out_channel_mask.shape[0])
+
+    def assign_masks(self, keep_in, keep_out):
+        """Set the masks from boolean keep arrays and zero the pruned weights."""
+        self._assign_masks(keep_in, keep_out)
+
     def _assign_masks(self, keep_in, keep_out):
         self.in_channel_mask.assign(np.asarray(keep_in, np.float32).reshape(self.in_channel_mask.shape))
         self.out_channel_mask.assign(np.asarray(keep_out, np.float32).reshape(self.out_channel_mask.shape))
@@ -330,17 +349,6 @@ def _last_dim(shape: tf.TensorShape):
     d = shape[-1]
     return int(d) if d is not None else None
 
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return obj
 
 
 # ----------------------------------------------------------------------------- analysis handler
@@ -433,13 +441,6 @@ def _pairs(new, old, prefix=""):
     yield from walk(new, old, prefix)
 
 
-def _split_data(data):
-    if data is None:
-        return None, None
-    if isinstance(data, tuple) and len(data) == 2:
-        return data[0], data[1]
-    return data, None
-
 
 def _schedule_final_sparsity(schedule) -> float:
     if isinstance(schedule, _schedules.PruningSchedule):
@@ -452,16 +453,6 @@ def _schedule_final_sparsity(schedule) -> float:
     _, sparsity = schedule(tf.constant(int(step), tf.int64))
     return float(np.asarray(sparsity))
 
-
-def _serialize_schedule(schedule) -> dict:
-    try:
-        config = _schedules.serialize(schedule)
-    except Exception as exc:
-        raise InvalidArgumentError(
-            "Expected `pruning_schedule` to have a `get_config()` (like keras_rebuild's and tfmot's schedules) so "
-            f"that wrapped models can be saved. Received: {received('pruning_schedule', schedule)}"
-        ) from exc
-    return _jsonable(config)
 
 
 def _deserialize_schedule(config: dict):
@@ -480,28 +471,8 @@ def _deserialize_schedule(config: dict):
     return cls.from_config(config["config"]) if hasattr(cls, "from_config") else cls(**config["config"])
 
 
-def _with_frequency(schedule, frequency):
-    """``schedule`` with its pruning frequency replaced (ours only; others keep theirs)."""
-    if not frequency or not isinstance(schedule, _schedules.PruningSchedule):
-        return schedule
-    config = schedule.get_config()["config"]
-    return type(schedule).from_config({**config, "frequency": int(frequency)})
 
 
-def _criterion_name(crit) -> str:
-    from keras_rebuild.importance import criterion_names
-
-    name = getattr(crit, "name", None)
-    return name if isinstance(name, str) and name in criterion_names() else str(name or type(crit).__name__)
-
-
-class _Runtime:
-    """Python objects shared by the wrappers of one ``prune_channels`` call (not saved)."""
-
-    def __init__(self, criterion=None, data=None, schedule=None):
-        self.criterion = criterion
-        self.data = data
-        self.schedule = schedule
 
 
 # ----------------------------------------------------------------------------- mask updates
@@ -525,80 +496,7 @@ def _current_weights(model, wrappers) -> Dict[str, List[np.ndarray]]:
     return out
 
 
-def _plan_of_masks(analysis, wrappers):
-    """The plan the wrappers' current masks carry out (read when training resumes from a saved model)."""
-    from keras_rebuild.plan import Plan
 
-    return Plan.from_remove(analysis, _removed_components(analysis, wrappers), {"source": "masks"})
-
-
-def _removed_components(analysis, wrappers) -> np.ndarray:
-    """Per component of ``analysis``: pruned by the wrappers' current masks."""
-    removed = np.zeros(analysis.num_components, bool)
-    for path, w in wrappers.items():
-        op = analysis.graph.first_op(path)
-        if op is None or op.kind != "layer" or w.in_channel_mask is None:
-            continue
-        keep_in, keep_out = w.channel_masks()
-        for t, keep in ((op.inputs[0] if op.inputs else None, keep_in), (op.outputs[0] if op.outputs else None, keep_out)):
-            if t is None:
-                continue
-            labels = analysis.labels[analysis.elements(t)]
-            if len(labels) == len(keep):
-                removed[labels[~keep]] = True
-    return removed
-
-
-def _rank_pruned_last(analysis, scores, removed) -> dict:
-    """Scores where already-pruned channels rank strictly below every other channel."""
-    out = {}
-    for g in analysis.groups:
-        if g.name not in scores:
-            continue
-        s = np.asarray(scores[g.name], np.float64).copy()
-        gone = removed[g.components]
-        if gone.any():
-            lo = min(float(s.min()), 0.0)
-            eps = max(1e-12, 1e-9 * float(np.abs(s).max()))
-            s = np.where(gone, lo, np.maximum(s, lo + eps))
-        out[g.name] = s
-    return out
-
-
-def _select(analysis, scores, params, sparsity=None, threshold=None):
-    from keras_rebuild.plan import select_remove
-
-    return select_remove(
-        analysis, scores, sparsity=sparsity, threshold=threshold, scope=params.get("scope", "local"),
-        round_to=params.get("round_to", 1), min_channels=params.get("min_channels", 1),
-        ignore=tuple(params.get("ignore", ())),
-    )
-
-
-def _plan(analysis, scores, params, sparsity=None, threshold=None):
-    """The :class:`~keras_rebuild.Plan` of one selection (the decision that masks carry out)."""
-    from keras_rebuild.plan import Plan
-
-    remove = _select(analysis, scores, params, sparsity=sparsity, threshold=threshold)
-    meta = {k: params.get(k) for k in ("criterion", "scope", "round_to", "min_channels")}
-    meta.update(sparsity=sparsity, threshold=threshold)
-    return Plan.from_remove(analysis, remove, meta)
-
-
-def _apply_plan(analysis, wrappers, plan):
-    """Set every wrapper's masks to carry out ``plan``."""
-    from keras_rebuild.masks import layer_keep_masks
-
-    keep = layer_keep_masks(analysis, plan.apply(analysis))
-    for path, w in wrappers.items():
-        if path not in keep:
-            continue
-        keep_in, keep_out = keep[path]
-        keep_in = np.ones(w.in_channel_mask.shape, bool) if keep_in is None or len(keep_in) != w.in_channel_mask.shape[0] \
-            else keep_in
-        keep_out = np.ones(w.out_channel_mask.shape, bool) if keep_out is None or \
-            len(keep_out) != w.out_channel_mask.shape[0] else keep_out
-        w._assign_masks(keep_in, keep_out)
 
 
 # ----------------------------------------------------------------------------- prune_channels
