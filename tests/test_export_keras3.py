@@ -207,3 +207,19 @@ def test_jax_model_is_converted_in_a_subprocess_and_verified_here(monkeypatch):
     result = export_tflite(model)
     assert "subprocess" in result.converter and result.verification.passed
     assert calls and all(m.startswith("keras") for m in calls)  # the JAX model itself is the reference
+
+
+def test_verification_says_it_is_vacuous_when_the_keras_outputs_do_not_vary(tmp_path):
+    import keras_rebuild as kr
+    from keras_rebuild.testing import flavour_keras
+
+    k = flavour_keras()
+    inp = k.Input((8, 8, 3))
+    x = k.layers.Conv2D(4, 3, padding="same", kernel_initializer="zeros", bias_initializer="ones")(inp)
+    constant = k.Model(inp, k.layers.Dense(3)(k.layers.GlobalAveragePooling2D()(x)))
+    result = kr.export_tflite(constant, tmp_path / "constant.tflite")
+    assert result.verification.vacuous and "vacuous" in str(result.verification)
+
+    varied = kr.digits_cnn(width=4, flavour=os.environ.get("KERAS_REBUILD_FLAVOUR", "tf_keras"))
+    result = kr.export_tflite(varied, tmp_path / "varied.tflite")
+    assert not result.verification.vacuous and "passed" in str(result.verification)

@@ -80,7 +80,12 @@ class VerificationResult:
         rtol: Tolerance relative to each output's scale.
         min_top1: Required top-1 agreement, or ``None`` if not checked.
         per_output: One dict per output with ``name``, ``max_abs_error``,
-            ``mean_abs_error``, ``scale``, ``top1_agreement``.
+            ``mean_abs_error``, ``scale``, ``spread``, ``top1_agreement``.
+        output_spread: Largest standard deviation of a Keras output element
+            across the samples.
+        vacuous: The Keras outputs are (nearly) the same for every sample
+            (spread within tolerance, or one sample): agreement then proves
+            nothing about the conversion.
     """
 
     max_abs_error: float
@@ -93,10 +98,18 @@ class VerificationResult:
     rtol: float = 0.0
     min_top1: Optional[float] = None
     per_output: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    output_spread: float = 0.0
+    vacuous: bool = False
 
     def __str__(self) -> str:
         top1 = "n/a" if self.top1_agreement is None else f"{100 * self.top1_agreement:.1f}%"
         status = "passed" if self.passed else "FAILED"
+        if self.passed and self.vacuous:
+            return (
+                f"verification vacuous on {self.num_samples} samples: the Keras outputs are (nearly) the same "
+                f"for every sample (largest std across samples {self.output_spread:.3g} <= tolerance), so "
+                f"agreement proves nothing; pass varied `sample_inputs` (max abs error {self.max_abs_error:.3g})"
+            )
         return (
             f"verification {status} on {self.num_samples} samples: "
             f"max abs error {self.max_abs_error:.3g}, mean abs error {self.mean_abs_error:.3g}, "
@@ -922,6 +935,7 @@ def _verify(
             )
         diff = np.abs(e - g)
         scale = float(np.max(np.abs(e))) if e.size else 0.0
+        spread = float(np.max(np.std(e, axis=0))) if e.ndim and e.shape[0] > 1 and e.size else 0.0
         max_err = float(diff.max()) if diff.size else 0.0
         top1 = None
         if e.ndim == 2 and e.shape[1] > 1:
@@ -933,7 +947,8 @@ def _verify(
         count += diff.size
         per_output.append(
             {"name": name, "max_abs_error": max_err, "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
-             "scale": scale, "top1_agreement": top1, "passed": ok}
+             "scale": scale, "spread": spread, "top1_agreement": top1, "passed": ok,
+             "vacuous": spread <= atol + rtol * scale}
         )
     top1_agreement = min(top1s) if top1s else None
     if min_top1 is not None and top1_agreement is not None and top1_agreement < min_top1:
@@ -949,6 +964,8 @@ def _verify(
         rtol=rtol,
         min_top1=min_top1,
         per_output=per_output,
+        output_spread=max(p["spread"] for p in per_output),
+        vacuous=int(xs[0].shape[0]) < 2 or all(p["vacuous"] for p in per_output),
     )
 
 
