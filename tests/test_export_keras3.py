@@ -223,3 +223,13 @@ def test_verification_says_it_is_vacuous_when_the_keras_outputs_do_not_vary(tmp_
     varied = kr.digits_cnn(width=4, flavour=os.environ.get("KERAS_REBUILD_FLAVOUR", "tf_keras"))
     result = kr.export_tflite(varied, tmp_path / "varied.tflite")
     assert not result.verification.vacuous and "passed" in str(result.verification)
+
+
+def test_benchmark_says_memory_was_not_measured_instead_of_about_zero_bytes():
+    import keras_rebuild as kr
+
+    small = kr.digits_cnn(width=4, flavour=os.environ.get("KERAS_REBUILD_FLAVOUR", "tf_keras"))
+    result = kr.benchmark_tflite(kr.export_tflite(small).content, runs=3, warmup=1)
+    text = str(result)
+    assert "~0 B" not in text
+    assert (result.memory_bytes is None and "not measured" in text) or result.memory_bytes >= 1 << 20

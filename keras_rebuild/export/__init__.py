@@ -243,7 +243,7 @@ class BenchmarkResult:
 
     def __str__(self) -> str:
         if self.memory_bytes is None:
-            mem = "n/a"
+            mem = self.memory_method if self.memory_method.startswith("not measured") else "n/a"
         else:
             mem = f"~{_fmt_bytes(self.memory_bytes)}"
             if self.memory_after_first_invoke_bytes is not None:
@@ -1288,6 +1288,9 @@ def _random_sample_list(specs, n: int, seed: int) -> List[List[np.ndarray]]:
 # --------------------------------------------------------------------------
 
 
+_RSS_RESOLUTION = 1 << 20
+
+
 def _rss_bytes() -> tuple:
     """``(current RSS in bytes or None, method)``."""
     try:
@@ -1396,6 +1399,10 @@ def benchmark_tflite(
     interpreter.invoke()  # first warm-up run, also for the memory figure
     rss2, _ = _rss_bytes()
     memory_first = None if rss0 is None or rss2 is None else max(0, rss2 - rss0)
+    if memory is not None and max(memory, memory_first or 0) < _RSS_RESOLUTION:
+        # Below page/allocator resolution: an RSS delta of ~0 B says nothing. Report it as not measured.
+        memory = memory_first = None
+        method = f"not measured (process RSS changed by less than {_fmt_bytes(_RSS_RESOLUTION)})"
     _time_invokes(interpreter, max(warmup - 1, 0))
     times = _time_invokes(interpreter, runs)
     arr = np.asarray(times)
@@ -1409,7 +1416,7 @@ def benchmark_tflite(
         num_threads=num_threads,
         size_bytes=len(content),
         memory_bytes=memory,
-        memory_method=method + " (approximate)",
+        memory_method=method if memory is None and method.startswith("not measured") else method + " (approximate)",
         memory_after_first_invoke_bytes=memory_first,
         times_ms=times,
     )
