@@ -154,7 +154,7 @@ def loss_of(model):
     return compiled if compiled is not None and getattr(model, "loss", None) is not None else None
 
 
-def compiled_loss_value(model, y, y_pred, sample_weight=None):
+def training_loss(model, y, y_pred, sample_weight=None):
     """The compiled loss of ``model`` (hard loss + regularisation, tracked as ``loss``), as in ``train_step``."""
     return model.compiled_loss(y, y_pred, sample_weight, regularization_losses=model.losses)
 

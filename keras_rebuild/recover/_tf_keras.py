@@ -140,7 +140,7 @@ class _Distillation:
             y_pred = model(x, training=True)
             # The compiled loss tracks "loss" (hard loss + regularisation, like
             # fit/evaluate) and returns it already divided by the replica count.
-            hard = _tf_keras_backend.compiled_loss_value(model, y, y_pred, sample_weight)
+            hard = _tf_keras_backend.training_loss(model, y, y_pred, sample_weight)
             terms = self._terms(y_pred, t_pred, sample_weight)
             soft = tf.add_n(terms) / replicas
             reg = (
@@ -165,7 +165,7 @@ class _Distillation:
         model = self.student
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = model(x, training=False)
-        _tf_keras_backend.compiled_loss_value(model, y, y_pred, sample_weight)
+        _tf_keras_backend.training_loss(model, y, y_pred, sample_weight)
         if y is not None:
             model.compiled_metrics.update_state(y, y_pred, sample_weight)
         t_pred = self.teacher(x, training=False)
