@@ -20,6 +20,7 @@ import time
 
 RUNS = ["tf_keras", "keras3:tensorflow", "keras3:jax", "keras3:torch"]
 COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected)")
+SUMMARY = re.compile(r"^=+ .*\b(passed|failed|errors?|no tests ran)\b.* in [\d.]+s.* =+$")
 
 
 def main(argv=None):
@@ -49,14 +50,14 @@ def main(argv=None):
         print(f"\n=== {run}: {' '.join(cmd[1:])}", flush=True)
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        last = ""
+        summary = ""
         for line in proc.stdout:
             sys.stdout.write(line)
-            if line.strip():
-                last = line
+            if SUMMARY.match(line.strip()):
+                summary = line  # pytest's closing line, e.g. "=== 12 passed, 1 skipped in 3.2s ==="
         code = proc.wait()
         counts = {kind: 0 for kind in totals}
-        for number, kind in COUNT.findall(last):
+        for number, kind in COUNT.findall(summary):
             kind = "errors" if kind.startswith("error") else kind
             if kind in counts:
                 counts[kind] += int(number)

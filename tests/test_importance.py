@@ -20,6 +20,11 @@ keras = flavour_keras()
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow") if os.environ.get("KERAS_REBUILD_FLAVOUR") == "keras3" \
     else "tensorflow"
 
+
+def to_numpy(x):
+    """A model output as numpy, on any backend (torch outputs carry gradients)."""
+    return keras.ops.convert_to_numpy(x) if hasattr(keras, "ops") else np.asarray(x)
+
 L = keras.layers
 DEAD = 5  # the channel of conv1 whose output is forced to zero
 
@@ -156,7 +161,7 @@ def test_activation_is_the_mean_absolute_post_relu_value():
     model = small_cnn()
     x, _ = data(n=8)
     probe = keras.Model(model.inputs, model.get_layer("relu1").output)
-    expected = np.abs(np.asarray(probe(x))).mean(axis=(0, 1, 2))
+    expected = np.abs(to_numpy(probe(x))).mean(axis=(0, 1, 2))
     scores = get_criterion("activation").set_data(model, x)(Analysis(model))
     np.testing.assert_allclose(scores["conv1"], expected, rtol=1e-5)
 
@@ -165,7 +170,7 @@ def test_apoz_counts_the_fraction_of_nonzero_activations():
     model = small_cnn()
     x, _ = data(n=8)
     probe = keras.Model(model.inputs, model.get_layer("relu1").output)
-    expected = (np.asarray(probe(x)) != 0).mean(axis=(0, 1, 2))
+    expected = (to_numpy(probe(x)) != 0).mean(axis=(0, 1, 2))
     scores = get_criterion("apoz").set_data(model, x)(Analysis(model))
     np.testing.assert_allclose(scores["conv1"], expected, rtol=1e-6)
 
@@ -232,7 +237,7 @@ def test_nested_model_groups_get_finite_scores():
             assert scores[g.name].shape == (g.size,) and np.isfinite(scores[g.name]).all()
     # backbone/inner_conv2's channels are measured on the backbone's output tensor
     probe = keras.Model(model.inputs, backbone(model.inputs[0]))
-    expected = np.abs(np.asarray(probe(xb))).mean(axis=(0, 1, 2))
+    expected = np.abs(to_numpy(probe(xb))).mean(axis=(0, 1, 2))
     np.testing.assert_allclose(scores["backbone/inner_conv2"], expected, rtol=1e-5)
 
 
