@@ -361,15 +361,19 @@ TFMOT_ONLY = {
 }
 
 
-def check_tfmot_only_arguments(kwargs):
-    """Refuse tfmot's weight-pruning arguments (with what to do instead) and unknown keywords."""
+def check_tfmot_only_arguments(kwargs, advice: Optional[Dict[str, str]] = None):
+    """Refuse tfmot's weight-pruning arguments (with what to do instead) and unknown keywords.
+
+    ``advice`` replaces the default advice for some arguments (a flavour with tfmot at hand says more).
+    """
     if not kwargs:
         return
-    tfmot_only = [k for k in kwargs if k in TFMOT_ONLY]
+    texts = {**TFMOT_ONLY, **(advice or {})}
+    tfmot_only = [k for k in kwargs if k in texts]
     if tfmot_only:
         raise InvalidArgumentError(
             "Expected no tfmot-only arguments: `prune_channels` prunes whole channels, so "
-            + "; ".join(f"`{k}` does not apply ({TFMOT_ONLY[k]})" for k in tfmot_only)
+            + "; ".join(f"`{k}` does not apply ({texts[k]})" for k in tfmot_only)
             + ". Received: " + ", ".join(received(k, kwargs[k]) for k in tfmot_only)
         )
     raise InvalidArgumentTypeError(

@@ -61,6 +61,7 @@ from keras_rebuild.errors import (
 from keras_rebuild.graph import all_layers, check_model, is_graph_model
 from keras_rebuild.handlers import LayerHandler, get_handler, mask_array, register_handler
 from keras_rebuild.pruning import Runtime as _Runtime
+from keras_rebuild.pruning import check_tfmot_only_arguments as _shared_check_tfmot_only_arguments
 from keras_rebuild.pruning import apply_plan as _apply_plan
 from keras_rebuild.pruning import criterion_name as _criterion_name
 from keras_rebuild.pruning import jsonable as _jsonable
@@ -500,34 +501,16 @@ def _current_weights(model, wrappers) -> Dict[str, List[np.ndarray]]:
 
 
 # ----------------------------------------------------------------------------- prune_channels
-_TFMOT_ONLY = {
-    "block_size": "keras_rebuild always prunes whole channels (every weight of a channel, in every layer that "
-                  "shares it); use `round_to=` to keep channel counts multiples of a block",
-    "block_pooling_type": "keras_rebuild ranks whole channels by `criterion=` (\"l1\", \"l2\", \"bn_scale\", "
-                          "\"taylor\", ...) instead of pooling weight blocks",
+# On tf_keras, tfmot itself is at hand for 2:4 kernels after the channel rebuild.
+_TFMOT_ADVICE = {
     "sparsity_m_by_n": "keras_rebuild prunes channels, not weights inside a channel; for 2:4 sparse kernels, "
                        "`kr.rebuild` the channel-pruned model, then apply "
                        "`tfmot.sparsity.keras.prune_low_magnitude(small, sparsity_m_by_n=(2, 4), ...)` to it",
-    "pruning_policy": "keras_rebuild decides itself which layers it can prune (channel groups it can follow "
-                      "exactly, never model inputs/outputs); use `ignore=[layer names]` to leave layers whole",
 }
 
 
 def _check_tfmot_only_arguments(kwargs):
-    if not kwargs:
-        return
-    tfmot_only = [k for k in kwargs if k in _TFMOT_ONLY]
-    if tfmot_only:
-        raise InvalidArgumentError(
-            "Expected no tfmot-only arguments: `prune_channels` prunes whole channels, so "
-            + "; ".join(f"`{k}` does not apply ({_TFMOT_ONLY[k]})" for k in tfmot_only)
-            + ". Received: " + ", ".join(received(k, kwargs[k]) for k in tfmot_only)
-        )
-    raise InvalidArgumentTypeError(
-        "Expected only the arguments of `prune_channels` (model, sparsity, pruning_schedule, criterion, scope, "
-        "ignore, round_to, min_channels, threshold, data, bn_l1, frequency). "
-        f"Received unknown keyword arguments: {sorted(kwargs)}"
-    )
+    _shared_check_tfmot_only_arguments(kwargs, advice=_TFMOT_ADVICE)
 
 
 def prune_channels(
