@@ -411,8 +411,34 @@ def cmd_bench(args) -> int:
             raise CLIError(f"Expected a readable .tflite file. Received: {p} ({exc.strerror or exc})") from None
         if head[4:8] != b"TFL3":
             raise CLIError(f"Expected a .tflite file (a TFLite flatbuffer). Received: {p} (another format)")
+    if args.android:
+        return _bench_on_android(args.models)
     result = compare_latency(_unique_names(args.models), num_threads=args.threads, runs=args.runs)
     print(result)
+    return 0
+
+
+def android_commands(models: List[str]) -> List[List[str]]:
+    """The litert-cli commands that run LiteRT's ``benchmark_model`` for each file on a phone (over adb)."""
+    return [["litert", "benchmark", path, "--android"] for path in models]
+
+
+def _bench_on_android(models: List[str]) -> int:
+    import shutil
+    import subprocess
+
+    if shutil.which("litert") is None:
+        raise CLIError(
+            "Expected the `litert` command of litert-cli for --android (pip install litert-cli; it pushes the "
+            "file and runs benchmark_model on the phone connected over adb). Received: --android with no "
+            "`litert` on PATH"
+        )
+    for command in android_commands(models):
+        print("$ " + " ".join(command), flush=True)
+        code = subprocess.run(command).returncode
+        if code != 0:
+            raise CLIError(f"Expected `{' '.join(command)}` to succeed (is a phone connected over adb?). "
+                           f"Received: exit status {code}")
     return 0
 
 
@@ -556,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL.tflite", help=".tflite files to time; the first is the baseline")
     p.add_argument("--threads", type=_positive_int, default=1, help="interpreter threads")
     p.add_argument("--runs", type=_positive_int, default=50, help="timed runs per model per round")
+    p.add_argument("--android", action="store_true",
+                   help="time each file on the phone connected over adb, with litert-cli's `litert benchmark "
+                        "MODEL --android` (default: off, time here)")
     p.set_defaults(func=cmd_bench)
 
     # `demo` is dispatched before parsing (see main); listed here for --help.

@@ -319,3 +319,25 @@ def test_keras3_files_are_read_in_their_own_flavour(tmp_path, capsys):
     lines = capsys.readouterr()
     if status != 0:  # Keras 3 analysis lands with the core refactor; until then: one line, no traceback
         assert status == 2 and len(lines.err.strip().splitlines()) == 1
+
+
+def test_bench_android_runs_litert_cli_per_file_and_needs_it_on_path(tmp_path, monkeypatch, capsys):
+    import shutil
+    import subprocess
+
+    models = []
+    for name in ("a.tflite", "b.tflite"):
+        path = tmp_path / name
+        path.write_bytes(b"\0\0\0\0TFL3" + b"\0" * 16)
+        models.append(str(path))
+    assert cli.android_commands(models) == [["litert", "benchmark", m, "--android"] for m in models]
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert cli.main(["bench", *models, "--android"]) == 2
+    assert "litert-cli" in capsys.readouterr().err
+
+    ran = []
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert cli.main(["bench", *models, "--android"]) == 0
+    assert ran == cli.android_commands(models)
