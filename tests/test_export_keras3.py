@@ -233,3 +233,18 @@ def test_benchmark_says_memory_was_not_measured_instead_of_about_zero_bytes():
     text = str(result)
     assert "~0 B" not in text
     assert (result.memory_bytes is None and "not measured" in text) or result.memory_bytes >= 1 << 20
+
+
+def test_int8_export_takes_x_from_x_y_representative_data():
+    import numpy as np
+
+    import keras_rebuild as kr
+
+    (x, y), _ = kr.load_digits()
+    model = kr.digits_cnn(width=4, flavour=os.environ.get("KERAS_REBUILD_FLAVOUR", "tf_keras"))
+    with_pair = kr.export_tflite(model, quantize="int8", representative_data=(x[:40], y[:40]))
+    with_x = kr.export_tflite(model, quantize="int8", representative_data=x[:40])
+    assert with_pair.verification.passed and with_x.verification.passed
+    # The same calibration data gives the same quantisation parameters, hence outputs.
+    sample = x[:8]
+    np.testing.assert_array_equal(kr.run_tflite(with_pair.content, sample)[0], kr.run_tflite(with_x.content, sample)[0])

@@ -525,8 +525,25 @@ def _split_element(element, n_inputs):
     return element
 
 
+def _is_x_y_pair(data, specs) -> bool:
+    """``(x, y)`` arrays with one sample axis, for a model with one input that ``x`` fits and ``y`` does not."""
+    if len(specs) != 1 or not isinstance(data, tuple) or len(data) != 2:
+        return False
+    x, y = data
+    if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)) or len(x) != len(y):
+        return False
+    shape = specs[0][1]
+    fits = lambda a: a.ndim == len(shape) + 1 and all(d is None or d == e for d, e in zip(shape, a.shape[1:]))  # noqa: E731
+    return fits(x) and not fits(y)
+
+
 def _representative_batches(data, specs, limit: int) -> List[List[np.ndarray]]:
-    """Materialise up to ``limit`` samples of representative data, as lists of batch-1 arrays."""
+    """Materialise up to ``limit`` samples of representative data, as lists of batch-1 arrays.
+
+    ``(x, y)`` as given to ``fit`` is accepted for a single-input model: the inputs ``x`` are used.
+    """
+    if _is_x_y_pair(data, specs):
+        data = data[0]
     if isinstance(data, (np.ndarray, Mapping)) or (
         isinstance(data, (list, tuple)) and data and all(isinstance(a, np.ndarray) for a in data)
         and len(data) == len(specs)
