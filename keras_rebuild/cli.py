@@ -76,8 +76,9 @@ def _one_line(text: str, limit: int = 600) -> str:
 
 # ----------------------------------------------------------------------------- quiet output
 _LOG_LINE = re.compile(
-    rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [^\]]*\] |WARNING: All log messages before absl::InitializeLog"
-    rb"|To enable the following instructions:|INFO: Created TensorFlow Lite|INFO: Initialized TensorFlow Lite)"
+    rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]]*\] |WARNING: All log messages before absl::InitializeLog"
+    rb"|To enable the following instructions:|INFO: Created TensorFlow Lite|INFO: Initialized TensorFlow Lite"
+    rb"|\r?Running Calibration:)"
 )
 
 

@@ -341,3 +341,15 @@ def test_bench_android_runs_litert_cli_per_file_and_needs_it_on_path(tmp_path, m
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     assert cli.main(["bench", *models, "--android"]) == 0
     assert ran == cli.android_commands(models)
+
+
+@pytest.mark.parametrize("line, noise", [
+    (b"I0000 00:00:1796023808.294375   29208 port.cc:153] oneDNN custom operations are on.", True),
+    (b"E0000 00:00:1796021507.685686   17123 cuda_platform.cc:52] failed call to cuInit", True),
+    (b"W1130 05:12:19.123456 12345 foo.cc:1] something", True),
+    (b"Running Calibration::   0%|          | 0/2800", True),
+    (b"Dense test accuracy: 98.22%", False),
+    (b"Expected `--sparsity` to be in [0, 1). Received: --sparsity 2", False),
+])
+def test_quiet_mode_drops_tensorflow_and_quantizer_noise_only(line, noise):
+    assert bool(cli._LOG_LINE.match(line)) == noise
