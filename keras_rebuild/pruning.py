@@ -316,6 +316,45 @@ class UpdatePruningStep:
 
 
 # ----------------------------------------------------------------------------- shared logic
+def clone_nested(clone_model, model, layer_fn, prefix=""):
+    """``clone_model`` (the flavour's) with ``layer_fn(layer, path)`` applied at every depth of nested models."""
+    from keras_rebuild.graph import is_graph_model
+
+    def fn(layer):
+        path = prefix + layer.name
+        if is_graph_model(layer):
+            return clone_nested(clone_model, layer, layer_fn, path + "/")
+        return layer_fn(layer, path)
+
+    return clone_model(model, clone_function=fn)
+
+
+def copy_layer(layer):
+    """A new layer of the same class and config (no weights)."""
+    return layer.__class__.from_config(layer.get_config())
+
+
+def layer_pairs(new, old, prefix=""):
+    """Yield ``(path, new_layer, old_layer)`` over two models of one graph, nested models flattened."""
+    from keras_rebuild.graph import is_graph_model
+
+    seen = set()
+
+    def walk(n, o, prefix):
+        if len(n.layers) != len(o.layers):  # pragma: no cover - defensive
+            raise InvalidArgumentError(f"cloned model '{n.name}' has a different layer list")
+        for nl, ol in zip(n.layers, o.layers):
+            path = prefix + ol.name
+            if is_graph_model(ol):
+                if id(ol) not in seen:
+                    seen.add(id(ol))
+                    yield from walk(nl, ol, path + "/")
+            else:
+                yield path, nl, ol
+
+    yield from walk(new, old, prefix)
+
+
 class WrapperHandler(LayerHandler):
     """Makes a pruning wrapper transparent to :class:`~keras_rebuild.groups.Analysis`.
 

@@ -374,38 +374,8 @@ def wrapped_layers(model) -> Dict[str, StructuredPruningWrapper]:
     return out
 
 
-def _clone(model, layer_fn, prefix=""):
-    """``clone_model`` with ``layer_fn(layer, path)`` applied at every depth of nested models."""
-    def fn(layer):
-        path = prefix + layer.name
-        if is_graph_model(layer):
-            return _clone(layer, layer_fn, path + "/")
-        return layer_fn(layer, path)
-
-    return keras.models.clone_model(model, clone_function=fn)
-
-
-def _copy_layer(layer):
-    return layer.__class__.from_config(layer.get_config())
-
-
-def _pairs(new, old, prefix=""):
-    """Yield ``(path, new_layer, old_layer)`` over both models, nested models flattened."""
-    seen = set()
-
-    def walk(n, o, prefix):
-        if len(n.layers) != len(o.layers):  # pragma: no cover - defensive
-            raise InvalidArgumentError(f"cloned model '{n.name}' has a different layer list")
-        for nl, ol in zip(n.layers, o.layers):
-            path = prefix + ol.name
-            if is_graph_model(ol):
-                if id(ol) not in seen:
-                    seen.add(id(ol))
-                    yield from walk(nl, ol, path + "/")
-            else:
-                yield path, nl, ol
-
-    yield from walk(new, old, prefix)
+def _clone(model, layer_fn):
+    return _shared.clone_nested(keras.models.clone_model, model, layer_fn)
 
 
 def _schedule_final_sparsity(schedule) -> float:
@@ -588,7 +558,7 @@ def _prune_channels(model, sparsity, pruning_schedule, criterion, scope, ignore,
     coef = float(bn_l1)
 
     def layer_fn(layer, path):
-        new = _copy_layer(layer)
+        new = _shared.copy_layer(layer)
         if path in wrap:
             w = StructuredPruningWrapper(new, pruning_params=params, bn_l1=coef)
             object.__setattr__(w, "_runtime", runtime)
@@ -602,7 +572,7 @@ def _prune_channels(model, sparsity, pruning_schedule, criterion, scope, ignore,
             "model has no pruning wrappers and `rebuild` will not make it smaller.",
             UserWarning, stacklevel=2)
     wrapped = _clone(model, layer_fn)
-    for path, new, old in _pairs(wrapped, model):
+    for path, new, old in _shared.layer_pairs(wrapped, model):
         if old.weights:
             target = new.layer if isinstance(new, StructuredPruningWrapper) else new
             target.set_weights(old.get_weights())
@@ -638,12 +608,12 @@ def strip_pruning(model):
 
     def layer_fn(layer, path):
         if isinstance(layer, StructuredPruningWrapper):
-            return _copy_layer(layer.layer)
-        return _copy_layer(layer)
+            return _shared.copy_layer(layer.layer)
+        return _shared.copy_layer(layer)
 
     with _backend.scope():
         stripped = _clone(model, layer_fn)
-    for path, new, old in _pairs(stripped, model):
+    for path, new, old in _shared.layer_pairs(stripped, model):
         if isinstance(old, StructuredPruningWrapper):
             new.set_weights(old.masked_layer_weights())
         elif old.weights:

@@ -61,6 +61,10 @@ from keras_rebuild.errors import (
 from keras_rebuild.graph import all_layers, check_model, is_graph_model
 from keras_rebuild.handlers import LayerHandler, get_handler, mask_array, register_handler
 from keras_rebuild.pruning import Runtime as _Runtime
+from keras_rebuild.pruning import WrapperHandler as _WrapperHandler
+from keras_rebuild.pruning import clone_nested as _nested_clone
+from keras_rebuild.pruning import copy_layer as _copy_layer
+from keras_rebuild.pruning import layer_pairs as _pairs
 from keras_rebuild.pruning import check_tfmot_only_arguments as _shared_check_tfmot_only_arguments
 from keras_rebuild.pruning import apply_plan as _apply_plan
 from keras_rebuild.pruning import criterion_name as _criterion_name
@@ -353,28 +357,7 @@ def _last_dim(shape: tf.TensorShape):
 
 
 # ----------------------------------------------------------------------------- analysis handler
-@register_handler(StructuredPruningWrapper)
-class StructuredPruningWrapperHandler(LayerHandler):
-    """Makes a wrapper transparent to :class:`~keras_rebuild.groups.Analysis`.
-
-    The analysis of a wrapped model then has the same channel groups, layer
-    paths and ``analysis.weights`` (the wrapped layers' own weights) as the
-    analysis of the stripped model: each op of a wrapper is rewritten to the
-    wrapped layer and its handler before the channels are connected.
-    """
-
-    kind = "tied"
-
-    def connect(self, ctx, op):
-        wrapper = op.layer
-        inner = wrapper.layer
-        handler = get_handler(inner) or LayerHandler()
-        op.layer = inner
-        op.handler = handler
-        ctx.graph.layers[op.path] = inner
-        if op.path in ctx.weights:
-            ctx.weights[op.path] = ctx.weights[op.path][: len(inner.weights)]
-        handler.connect(ctx, op)
+StructuredPruningWrapperHandler = register_handler(StructuredPruningWrapper)(_WrapperHandler)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -408,38 +391,8 @@ def _has_foreign_wrappers(model) -> Optional[str]:
     return None
 
 
-def _clone(model, layer_fn, prefix=""):
-    """``clone_model`` with ``layer_fn(layer, path)`` applied at every depth of nested models."""
-    def fn(layer):
-        path = prefix + layer.name
-        if is_graph_model(layer):
-            return _clone(layer, layer_fn, path + "/")
-        return layer_fn(layer, path)
-
-    return keras.models.clone_model(model, clone_function=fn)
-
-
-def _copy_layer(layer):
-    return layer.__class__.from_config(layer.get_config())
-
-
-def _pairs(new, old, prefix=""):
-    """Yield ``(path, new_layer, old_layer)`` over both models, nested models flattened."""
-    seen = set()
-
-    def walk(n, o, prefix):
-        if len(n.layers) != len(o.layers):  # pragma: no cover - defensive
-            raise InvalidArgumentError(f"cloned model '{n.name}' has a different layer list")
-        for nl, ol in zip(n.layers, o.layers):
-            path = prefix + ol.name
-            if is_graph_model(ol):
-                if id(ol) not in seen:
-                    seen.add(id(ol))
-                    yield from walk(nl, ol, path + "/")
-            else:
-                yield path, nl, ol
-
-    yield from walk(new, old, prefix)
+def _clone(model, layer_fn):
+    return _nested_clone(keras.models.clone_model, model, layer_fn)
 
 
 
