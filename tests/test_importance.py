@@ -1,11 +1,15 @@
 """Tests for keras_rebuild.importance: channel importance criteria."""
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
 from keras_rebuild.testing import flavour_keras, weights_digest
-from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError, UnsupportedModelError
+from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError
 from keras_rebuild.groups import Analysis
 from keras_rebuild.importance import (
     Criterion,
@@ -19,6 +23,7 @@ from keras_rebuild.plan import select_remove
 keras = flavour_keras()
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow") if os.environ.get("KERAS_REBUILD_FLAVOUR") == "keras3" \
     else "tensorflow"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def to_numpy(x):
@@ -142,10 +147,6 @@ def test_data_criteria_rank_a_dead_channel_lowest(name):
     digest = weights_digest(model)
     x, y = data()
     analysis = Analysis(model)
-    if name == "taylor" and BACKEND == "jax":  # no gradients with respect to activations on JAX: our error
-        with pytest.raises(UnsupportedModelError, match="JAX"):
-            get_criterion(name).set_data(model, x, y)(analysis)
-        return
     scores = get_criterion(name).set_data(model, x, y)(analysis)
     assert set(scores) == {"conv1", "conv2"}
     for g in analysis.groups:
@@ -201,21 +202,107 @@ def test_data_criteria_without_data_or_loss_raise():
         get_criterion("taylor").set_data(model, x, y)(analysis)
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="the reference gradient is taken with tf.GradientTape")
-def test_taylor_with_an_explicit_loss_matches_activation_times_gradient():
-    import tensorflow as tf
+def reference_gradient(model, x, y, loss):
+    """``a`` (the ReLU output after bn1) and ``dL/da``, taken directly with this backend's autodiff."""
+    probe = keras.Model(model.inputs, [model.get_layer("relu1").output, model.output])
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
 
+        with tf.GradientTape() as tape:
+            a, out = probe(x)
+            value = loss(y, out)
+        return np.asarray(a), np.asarray(tape.gradient(value, a))
+    if BACKEND == "torch":
+        import torch
+
+        a, out = probe(x)
+        (g,) = torch.autograd.grad(loss(y, out), [a])
+        return to_numpy(a.detach()), g.numpy()
+    # JAX: the rest of the network as a function of `a`, called layer by layer, differentiated by jax.grad
+    import jax
+
+    a = probe(x)[0]
+    head = [model.get_layer("conv2"), model.layers[-2], model.get_layer("logits")]
+
+    def loss_of(a):
+        for layer in head:
+            a = layer(a)
+        return loss(y, a)
+
+    return np.asarray(a), np.asarray(jax.grad(loss_of)(a))
+
+
+def test_taylor_with_an_explicit_loss_matches_activation_times_gradient():
     model = small_cnn()
     x, y = data(n=8)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
     scores = Taylor(loss=loss).set_data(model, x, y)(Analysis(model))["conv1"]
-    probe = keras.Model(model.inputs, [model.get_layer("relu1").output, model.output])
-    with tf.GradientTape() as tape:
-        a, out = probe(x)
-        value = loss(y, out)
-    g = tape.gradient(value, a)
-    expected = np.abs((np.asarray(a, np.float64) * np.asarray(g, np.float64)).sum(axis=(0, 1, 2)))
+    a, g = reference_gradient(model, x, y, loss)
+    assert np.abs(g).max() > 0
+    expected = np.abs((a.astype(np.float64) * g.astype(np.float64)).sum(axis=(0, 1, 2)))
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-9)
+
+
+TAYLOR_SCORES = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from keras_rebuild.groups import Analysis
+    from keras_rebuild.importance import Taylor
+    from tests.test_importance import data, keras, small_cnn
+
+    model = small_cnn()
+    with np.load(sys.argv[1]) as f:
+        model.set_weights([f[k] for k in sorted(f.files, key=int)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(n=20, seed=3)
+    scores = Taylor(batch_size=8).set_data(model, x, y)(Analysis(model))
+    print("RESULT", json.dumps({k: v.tolist() for k, v in scores.items()}),
+          keras.backend.backend(), "tensorflow" in sys.modules)
+""")
+
+
+def taylor_in_subprocess(backend, weights_file):
+    """Taylor scores of ``small_cnn`` with the weights of ``weights_file`` in a fresh Keras 3 process."""
+    env = dict(os.environ, KERAS_REBUILD_FLAVOUR="keras3", KERAS_BACKEND=backend)
+    out = subprocess.run([sys.executable, "-c", TAYLOR_SCORES, str(weights_file)], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, out.stderr[-3000:]
+    scores, used, tf_loaded = lines[0][len("RESULT "):].rsplit(" ", 2)
+    assert used == backend
+    return {k: np.asarray(v) for k, v in json.loads(scores).items()}, tf_loaded == "True"
+
+
+@pytest.mark.keras3_only
+@pytest.mark.skipif(BACKEND != "jax", reason="the JAX scores, checked against torch's in a subprocess")
+def test_taylor_on_jax_equals_torch_on_the_same_model_and_weights(tmp_path):
+    model = small_cnn(dead=DEAD)
+    rng = np.random.default_rng(7)  # move every weight off its initial value
+    model.set_weights([w + rng.normal(scale=0.1, size=w.shape).astype(w.dtype) if w.ndim else w
+                       for w in model.get_weights()])
+    bn = model.get_layer("bn1").get_weights()
+    model.get_layer("bn1").set_weights(bn[:3] + [np.abs(bn[3]) + 0.5])  # a positive moving variance
+    np.savez(tmp_path / "w.npz", **{str(i): w for i, w in enumerate(model.get_weights())})
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(n=20, seed=3)
+    ours = Taylor(batch_size=8).set_data(model, x, y)(Analysis(model))
+    torch_scores, _ = taylor_in_subprocess("torch", tmp_path / "w.npz")
+    assert set(ours) == set(torch_scores) == {"conv1", "conv2"}
+    for name in ours:
+        assert np.abs(ours[name]).max() > 1e-3
+        np.testing.assert_allclose(ours[name], torch_scores[name], rtol=1e-4, atol=1e-6)
+    assert ours["conv1"][DEAD] == 0.0
+
+
+@pytest.mark.keras3_only
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow is the backend here")
+def test_taylor_never_imports_tensorflow(tmp_path):
+    """A JAX or torch user's 'taylor' scores come from the backend's own autodiff, in a process without TensorFlow."""
+    model = small_cnn(dead=DEAD)
+    np.savez(tmp_path / "w.npz", **{str(i): w for i, w in enumerate(model.get_weights())})
+    scores, tf_loaded = taylor_in_subprocess(BACKEND, tmp_path / "w.npz")
+    assert not tf_loaded
+    assert scores["conv1"][DEAD] == 0.0 and (np.delete(scores["conv1"], DEAD) > 0).all()
 
 
 def test_nested_model_groups_get_finite_scores():

@@ -174,8 +174,10 @@ def loss_value(fn, y, preds):
 def activations_and_gradients(probe, x, n_acts, loss_of_preds):
     """The first ``n_acts`` outputs of ``probe`` on ``x`` and the loss gradients with respect to them.
 
-    Measured with the backend's own autodiff on TensorFlow and torch; JAX
-    differentiates functions, not intermediate tensors, so it is refused.
+    Measured with the backend's own autodiff: ``tf.GradientTape`` on TensorFlow,
+    ``torch.autograd`` on torch, and on JAX (which differentiates functions,
+    not tensors) ``jax.value_and_grad`` of the loss with respect to zero-valued
+    perturbations added to the measured tensors (see :func:`_jax_activations_and_gradients`).
     """
     name = keras.backend.backend()
     if name == "tensorflow":
@@ -197,13 +199,74 @@ def activations_and_gradients(probe, x, n_acts, loss_of_preds):
         grads = [np.zeros(tuple(a.shape), np.float32) if g is None else g.detach().cpu().numpy()
                  for a, g in zip(acts, grads)]
         return [a.detach() for a in acts], grads
+    if name == "jax":
+        return _jax_activations_and_gradients(probe, x, n_acts, loss_of_preds)
     from keras_rebuild.errors import UnsupportedModelError
 
     raise UnsupportedModelError(
-        "Expected the TensorFlow or torch backend for the 'taylor' criterion: it needs gradients with respect "
-        "to activations, which JAX does not expose. Use criterion='l1', 'l2', 'bn_scale', 'activation' or "
-        f"'apoz'. Received: a Keras 3 model on the {name} backend"
+        "Expected the TensorFlow, JAX or torch backend for the 'taylor' criterion: it needs gradients with "
+        "respect to activations. Use criterion='l1', 'l2', 'bn_scale', 'activation' or 'apoz'. "
+        f"Received: a Keras 3 model on the {name} backend"
     )
+
+
+def _run_perturbed(probe, inputs, perturbations):
+    """The outputs of the Functional ``probe`` on ``inputs`` in inference mode, as a list.
+
+    ``perturbations`` maps ``id(KerasTensor)`` of graph tensors to values added
+    to them where they are computed, so everything downstream sees
+    ``tensor + perturbation``. The same node order and call arguments as
+    ``Functional.call`` (``training=False``), with no new nodes on the layers.
+    """
+    values = {id(kt): v for kt, v in zip(probe.inputs, tree.flatten(probe._standardize_inputs(inputs)))}
+    for kt in probe.inputs:
+        if id(kt) in perturbations:
+            values[id(kt)] = values[id(kt)] + perturbations[id(kt)]
+    for depth in sorted(probe._nodes_by_depth.keys(), reverse=True):
+        for node in probe._nodes_by_depth[depth]:
+            if not node.operation or node.is_input or any(id(t) not in values for t in node.input_tensors):
+                continue
+            args, kwargs = node.arguments.fill_in(values)
+            op = node.operation
+            if hasattr(probe, "_get_operation_for_node"):
+                op = probe._get_operation_for_node(node)
+            context = getattr(op, "_call_context_args", None)
+            if "training" in (context if context is not None else ()) or (
+                    context is None and getattr(op, "_call_has_training_arg", False)):
+                kwargs = dict(kwargs, training=False)
+            for kt, v in zip(node.outputs, tree.flatten(op(*args, **kwargs))):
+                values[id(kt)] = v + perturbations[id(kt)] if id(kt) in perturbations else v
+    return [values[id(kt)] for kt in probe.outputs]
+
+
+def _jax_activations_and_gradients(probe, x, n_acts, loss_of_preds):
+    """JAX: ``dL/da`` as the gradient of the loss with respect to a zero perturbation ``e`` added to ``a``.
+
+    With ``a' = a + e`` in the graph, ``dL/de`` at ``e = 0`` is exactly ``dL/da``
+    (the same first-order derivative, not an approximation). The model is run
+    statelessly (``keras.StatelessScope`` over its variables' current values),
+    so nothing is assigned to the model; no TensorFlow is involved.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    measured = list(probe.outputs[:n_acts])
+    keys = [id(kt) for kt in measured]
+    state = [(v, v.value) for v in probe.variables]
+
+    def forward(eps):
+        with keras.StatelessScope(state_mapping=state):
+            outs = _run_perturbed(probe, x, dict(zip(keys, eps)))
+        return outs
+
+    def loss_fn(eps):
+        outs = forward(eps)
+        return jnp.sum(jnp.asarray(loss_of_preds(outs[n_acts:]))), outs[:n_acts]
+
+    shapes = jax.eval_shape(lambda: forward([0.0] * len(keys))[:n_acts])
+    eps = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
+    return list(acts), [np.asarray(g) for g in grads]
 
 
 def is_batch_norm(layer) -> bool:
