@@ -268,8 +268,15 @@ def write_bytes(path: PathLike, content: bytes, *, overwrite: bool = False,
 
 def save_model(model, path: PathLike, *, overwrite: bool = False, suffixes: Optional[Sequence[str]] = None,
                arg: str = "path", force_hint: str = "overwrite=True") -> str:
-    """``model.save`` to ``path`` atomically (see :func:`atomic_output`); return the absolute path."""
-    with atomic_output(path, overwrite=overwrite, suffixes=suffixes, arg=arg, force_hint=force_hint) as tmp:
+    """``model.save`` to ``path`` atomically (see :func:`atomic_output`); return the absolute path.
+
+    tf_keras' warning that an uncompiled model saved as ``.h5`` or SavedModel
+    has "compiled metrics yet to be built" is dropped: nothing is wrong.
+    """
+    from keras_rebuild.safety import _without_false_alarms
+
+    with atomic_output(path, overwrite=overwrite, suffixes=suffixes, arg=arg, force_hint=force_hint) as tmp, \
+            _without_false_alarms():
         model.save(tmp)
     return os.path.abspath(os.fspath(path))
 

@@ -5,6 +5,7 @@ Crafted-file tests check that a marker file is NOT created by any CLI command
 exclusivity, symlinks, permissions and cleanup.
 """
 import errno
+import io
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -251,6 +253,161 @@ def test_keras3_and_tf_keras_files_load_in_their_own_flavour(tmp_path):
     keras.Model(inp, keras.layers.Conv2D(4, 3)(inp) + 1.0).save(str(tmp_path / "k2.keras"))
     m2 = safety.load_model(str(tmp_path / "k2.keras"))
     assert type(m2).__module__.split(".")[0] == "tf_keras"
+
+
+# ---------------------------------------------------------------------------- tf_keras .keras loading
+def _weighted_tf_keras_model(seed=0):
+    """A small tf_keras model with conv, BN (moving statistics), dense and a nested model, random weights."""
+    inner_in = keras.Input((3, 3, 6))
+    inner = keras.Model(inner_in, keras.layers.Conv2D(5, 1, name="inner_conv")(inner_in), name="inner")
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = inner(keras.layers.ReLU()(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(x))
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(size=w.shape).astype(w.dtype) for w in model.get_weights()])
+    return model
+
+
+class _Spy:
+    """Records what tf_keras' ``H5IOStore`` is opened on."""
+
+    def __init__(self, monkeypatch):
+        from tf_keras.src.saving import saving_lib
+
+        self.sources = []
+        original = saving_lib.H5IOStore
+
+        def store(root_path, *args, **kwargs):
+            self.sources.append((root_path, kwargs.get("archive", args[0] if args else None)))
+            return original(root_path, *args, **kwargs)
+
+        monkeypatch.setattr(saving_lib, "H5IOStore", store)
+
+
+@pytest.mark.parametrize("where", ["memory", "temporary_file"])
+def test_tf_keras_keras_archive_loads_the_weights_tf_keras_loads(tmp_path, monkeypatch, where):
+    """Our loader reads model.weights.h5 in one pass (not through the zip member tf_keras seeks in)."""
+    model = _weighted_tf_keras_model()
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    expected = keras.models.load_model(path, compile=False)
+    if where == "temporary_file":
+        monkeypatch.setattr(safety, "MAX_IN_MEMORY_WEIGHTS", 0)
+    spy = _Spy(monkeypatch)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.mkdir(tmp_path / "tmp")
+    loaded = safety.load_model(path)
+    (source, archive), = spy.sources
+    assert archive is None  # not the archive's ZipExtFile
+    if where == "memory":
+        assert isinstance(source, io.BytesIO)
+    else:
+        assert isinstance(source, str) and source.endswith(".h5")
+        assert not os.listdir(tmp_path / "tmp")  # the temporary copy is gone
+    assert [w.name for w in loaded.weights] == [w.name for w in expected.weights]
+    for got, want, original in zip(loaded.get_weights(), expected.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, original)
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_tf_keras_keras_archive_restores_the_compiled_state_only_with_compile(tmp_path):
+    model = _weighted_tf_keras_model()
+    model.compile(keras.optimizers.SGD(0.25), "mse", metrics=["mae"])
+    path = str(tmp_path / "c.keras")
+    model.save(path)
+    compiled = safety.load_model(path, compile=True)
+    assert isinstance(compiled.optimizer, keras.optimizers.SGD)
+    assert float(compiled.optimizer.learning_rate.numpy()) == 0.25 and compiled.loss == "mse"
+    plain = safety.load_model(path)
+    assert getattr(plain, "optimizer", None) is None and getattr(plain, "compiled_loss", None) is None
+    for got, want in zip(compiled.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_tf_keras_keras_archive_loader_keeps_safe_mode_and_our_checks(tmp_path):
+    # tf_keras' own safe mode stays on: a bytecode lambda is refused by the fast path itself.
+    inp = keras.Input((4,))
+    lam = keras.Model(inp, keras.layers.Lambda(lambda t: t * 2, name="double")(inp))
+    lam_path = str(tmp_path / "lam.keras")
+    lam.save(lam_path)
+    with pytest.raises(ValueError, match="safe_mode"):
+        safety._load_tf_keras_archive(lam_path, compile=False, safe_mode=True)
+    assert safety._load_tf_keras_archive(lam_path, compile=False, safe_mode=False).count_params() == 0
+    with pytest.raises(safety.UnsafeModelError, match="double"):
+        safety.load_model(lam_path)
+    # Our check still runs first: the crafted os.popen file (which tf_keras' safe mode lets run) is refused.
+    marker = tmp_path / "ran"
+    evil = craft_tf_keras_os_system(tmp_path / "evil.keras", marker)
+    with pytest.raises(safety.UnsafeModelError, match="'evil'.*'Lambda'"):
+        safety.load_model(evil)
+    assert not marker.exists()
+
+
+def _tensorflow_records(monkeypatch):
+    """Messages TensorFlow's logger lets through (its filters applied), collected in a list."""
+    import logging
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("tensorflow")
+    handler = Collect()
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    return records, lambda: logger.removeHandler(handler)
+
+
+def _metrics_tf_keras_cannot_prebuild():
+    """A compiled two-output model whose metric list tf_keras cannot build before training (3 for 2 outputs)."""
+    inp = keras.Input((4,))
+    model = keras.Model(inp, [keras.layers.Dense(2, name="a")(inp), keras.layers.Dense(3, name="b")(inp)])
+    model.compile("adam", ["mse", "mse"], metrics=[["mae"], ["mae"], ["mae"]])
+    return model
+
+
+def test_loading_a_compiled_model_does_not_show_the_compiled_metrics_warning(tmp_path, monkeypatch):
+    import logging
+
+    warning = "Compiled the loaded model, but the compiled metrics"
+    path = str(tmp_path / "c.h5")
+    _metrics_tf_keras_cannot_prebuild().save(path)
+    filters_before = list(logging.getLogger("tensorflow").filters)
+    records, done = _tensorflow_records(monkeypatch)
+    try:
+        keras.models.load_model(path, compile=True)  # tf_keras' own loader logs it
+        assert any(warning in r for r in records), records
+        records.clear()
+        loaded = safety.load_model(path, compile=True)
+        assert not any(warning in r for r in records), records
+    finally:
+        done()
+    assert isinstance(loaded.optimizer, keras.optimizers.Adam) and len(loaded.loss) == 2
+    assert logging.getLogger("tensorflow").filters == filters_before  # the filter is local to the load
+
+
+def test_saving_an_uncompiled_model_as_h5_does_not_show_the_compiled_metrics_warning(tmp_path, monkeypatch):
+    warning = "Compiled the loaded model, but the compiled metrics"
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(2)(inp))
+    records, done = _tensorflow_records(monkeypatch)
+    try:
+        model.save(str(tmp_path / "direct.h5"))  # tf_keras logs it on saving any uncompiled model
+        assert any(warning in r for r in records), records
+        records.clear()
+        kio.save_model(model, tmp_path / "ours.h5")
+        assert not any(warning in r for r in records), records
+    finally:
+        done()
+    assert safety.load_model(str(tmp_path / "ours.h5")).count_params() == model.count_params()
 
 
 # ---------------------------------------------------------------------------- 5. concurrent and hostile writes
