@@ -47,6 +47,18 @@ class OutputExistsError(KerasRebuildError, ValueError):
     """An output file exists and overwriting was not allowed."""
 
 
+class ConversionError(UnsupportedModelError):
+    """A converter (the TFLite converter, litert-torch) cannot convert a model to LiteRT."""
+
+
+class LiteRTRuntimeError(UnsupportedModelError):
+    """A converted ``.tflite`` model fails to run in the LiteRT interpreter."""
+
+
+class StochasticModelError(VerificationError):
+    """A model gives different outputs for two identical calls, so its export cannot be verified."""
+
+
 def received(name, value, limit=200):
     """Format ``name=value`` for an error message, truncated to ``limit`` chars."""
     text = repr(value)

@@ -27,15 +27,18 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from keras_rebuild.errors import (
+    ConversionError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
+    LiteRTRuntimeError,
     NotAModelError,
     OutputExistsError,
+    StochasticModelError,
     UnsupportedModelError,
     VerificationError,
     received,
 )
-from keras_rebuild.export.flatbuffer import FlexOpError, check_builtin_only
+from keras_rebuild.export.flatbuffer import FlexOpError, check_builtin_only, layer_at_node
 from keras_rebuild.export.quantize import QuantizerValidation
 from keras_rebuild.io import check_output_path, write_bytes
 
@@ -45,15 +48,23 @@ QUANTIZE_MODES = ("float32", "float16", "dynamic", "int8")
 INT8_BACKENDS = ("quantizer", "converter")
 
 # Default verification tolerances per quantization mode. A model passes when,
-# for every output, ``max_abs_error <= atol + rtol * output_scale`` where
-# ``output_scale`` is the largest absolute value of the Keras output, and
-# (if ``min_top1`` is set) the top-1 agreement is at least ``min_top1``.
+# for every output,
+# ``max_abs_error <= atol + rtol * output_scale + ctol * internal_scale``
+# where ``output_scale`` is the largest absolute value of the Keras output and
+# ``internal_scale`` the largest absolute value inside the model (any layer's
+# output): an output that is a small difference of large values (a distance,
+# a residual) carries the round-off of those values. And (if ``min_top1`` is
+# set) the top-1 agreement must be at least ``min_top1``.
 DEFAULT_TOLERANCES: Dict[str, Dict[str, float]] = {
-    "float32": {"atol": 1e-6, "rtol": 1e-4},
-    "float16": {"atol": 1e-3, "rtol": 2e-2},
-    "dynamic": {"atol": 1e-2, "rtol": 0.3},
-    "int8": {"atol": 1e-2, "rtol": 0.3},
+    "float32": {"atol": 1e-6, "rtol": 1e-4, "ctol": 1e-5},
+    "float16": {"atol": 1e-3, "rtol": 2e-2, "ctol": 2e-3},
+    "dynamic": {"atol": 1e-2, "rtol": 0.3, "ctol": 0.05},
+    "int8": {"atol": 1e-2, "rtol": 0.3, "ctol": 0.05},
 }
+
+# Layer classes (and their subclasses, by class name in the MRO) whose time loop
+# the converter turns into LiteRT built-ins only for a static batch.
+_RECURRENT_BASES = frozenset({"RNN", "ConvRNN", "ConvLSTM", "Bidirectional"})
 
 PathOrBytes = Union[str, "os.PathLike[str]", bytes, bytearray]
 
@@ -86,6 +97,10 @@ class VerificationResult:
         vacuous: The Keras outputs are (nearly) the same for every sample
             (spread within tolerance, or one sample): agreement then proves
             nothing about the conversion.
+        internal_scale: Largest absolute value of any layer's output inside
+            the Keras model on the verification inputs (the output scale when
+            the model's layers cannot be read, e.g. a subclassed model).
+        ctol: Tolerance relative to ``internal_scale`` (cancellation).
     """
 
     max_abs_error: float
@@ -100,6 +115,8 @@ class VerificationResult:
     per_output: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     output_spread: float = 0.0
     vacuous: bool = False
+    internal_scale: float = 0.0
+    ctol: float = 0.0
 
     def __str__(self) -> str:
         top1 = "n/a" if self.top1_agreement is None else f"{100 * self.top1_agreement:.1f}%"
@@ -113,8 +130,8 @@ class VerificationResult:
         return (
             f"verification {status} on {self.num_samples} samples: "
             f"max abs error {self.max_abs_error:.3g}, mean abs error {self.mean_abs_error:.3g}, "
-            f"top-1 agreement {top1} (output scale {self.output_scale:.3g}; "
-            f"tolerance atol={self.atol:g}, rtol={self.rtol:g}"
+            f"top-1 agreement {top1} (output scale {self.output_scale:.3g}, internal scale "
+            f"{self.internal_scale:.3g}; tolerance atol={self.atol:g}, rtol={self.rtol:g}, ctol={self.ctol:g}"
             + (f", min_top1={self.min_top1:g}" if self.min_top1 is not None else "")
             + ")"
         )
@@ -150,6 +167,8 @@ class ExportResult:
         quantizer_validation: The LiteRT Quantizer's per-layer comparison of
             the quantized and float files (a ``QuantizerValidation``), or
             ``None``.
+        flex_ops: The TensorFlow (Flex) ops in the file (only with
+            ``select_tf_ops=True``; the app then needs the Flex delegate).
         content: The flatbuffer bytes (read from ``path`` when not kept).
     """
 
@@ -165,6 +184,7 @@ class ExportResult:
     int8_backend: Optional[str] = None
     fallback_reason: Optional[str] = None
     quantizer_validation: Optional[QuantizerValidation] = None
+    flex_ops: List[str] = dataclasses.field(default_factory=list)
     _content: Optional[bytes] = dataclasses.field(default=None, repr=False)
 
     @property
@@ -185,6 +205,8 @@ class ExportResult:
         ]
         if self.fallback_reason:
             lines.append(f"  fallback: {self.fallback_reason}")
+        if self.flex_ops:
+            lines.append(f"  TensorFlow (Flex) ops: {', '.join(self.flex_ops)} (the app needs the Flex delegate)")
         if self.quantizer_validation is not None:
             lines.append(f"  {self.quantizer_validation}")
         for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
@@ -609,8 +631,9 @@ def _random_inputs(specs, batch: int, seed: int) -> List[np.ndarray]:
     for name, shape, dtype in specs:
         if any(d is None for d in shape):
             raise InvalidArgumentError(
-                f"Input {name!r} has unknown dimensions {shape}; pass `sample_inputs` to verify it. "
-                f"Received: sample_inputs=None"
+                f"Expected `sample_inputs` or `representative_data` for input {name!r} of unknown size "
+                f"{_fmt_shape(shape)}: they give the exported file its size. Received: sample_inputs=None, "
+                "representative_data=None"
             )
         size = (batch,) + tuple(shape)
         if np.issubdtype(dtype, np.integer):
@@ -737,32 +760,88 @@ def _io_details(interpreter):
 
 
 def _resize_inputs(interpreter, in_details, xs: List[np.ndarray]) -> None:
-    """Resize the interpreter's inputs to the arrays' shapes where they differ, then allocate."""
+    """Resize the interpreter's inputs to the arrays' shapes where they differ from its current ones, then allocate."""
+    current = {d["index"]: tuple(int(v) for v in d["shape"]) for d in interpreter.get_input_details()}
     for d, x in zip(in_details, xs):
-        if tuple(d["shape"]) != x.shape:
+        if current.get(d["index"], tuple(d["shape"])) != x.shape:
             interpreter.resize_tensor_input(d["index"], list(x.shape), strict=False)
     interpreter.allocate_tensors()
 
 
-def _invoke(interpreter, in_details, out_details, xs: List[np.ndarray]) -> List[np.ndarray]:
-    """Run the interpreter on a batch, resizing the batch axis (or looping sample by sample)."""
+def _run_once(interpreter, in_details, out_details, xs: List[np.ndarray]) -> List[np.ndarray]:
+    _resize_inputs(interpreter, in_details, xs)
+    for d, x in zip(in_details, xs):
+        interpreter.set_tensor(d["index"], _quantize_input(x, d))
+    interpreter.invoke()
+    return [_dequantize_output(interpreter.get_tensor(d["index"]).copy(), d) for d in out_details]
+
+
+def _runtime_error(exc: BaseException, where, batch_error: Optional[BaseException] = None) -> LiteRTRuntimeError:
+    """Our error for a file that fails in the interpreter: its message, and the op and layer where it tells."""
+    import re
+
+    def clean(e):  # the interpreter repeats its message once per failed attempt
+        return re.sub(r"(.+?failed to (?:prepare|invoke)\.)\1+", r"\1", str(e).strip())
+
+    text = f"{type(exc).__name__}: {clean(exc)}"
+    content, names = where if where else (None, ())
+    node = re.search(r"Node number (\d+) \((\w+)\)", str(exc))
+    located = ""
+    if node and content is not None:
+        layers = layer_at_node(content, int(node.group(1)), names, op=node.group(2))
+        if layers:
+            located = f" (op {node.group(2)} in layer(s) {', '.join(repr(n) for n in layers)})"
+    if "Flex delegate" in str(exc) or "Select TensorFlow op" in str(exc):
+        advice = ("The file holds TensorFlow (Flex) ops that this interpreter cannot run: pass verify=False to "
+                  "export it unverified (the app needs the Flex delegate)")
+    else:
+        advice = ("The file cannot run in LiteRT as converted: replace the layer with built-in Keras layers, or "
+                  "try batch_size=1 (a static batch)")
+    also = ""
+    if batch_error and clean(batch_error[1]) != clean(exc):
+        also = (f"; at batch {batch_error[0]} it failed first with {type(batch_error[1]).__name__}: "
+                f"{clean(batch_error[1])[:300]}")
+    return LiteRTRuntimeError(
+        f"Expected the converted model to run in the LiteRT interpreter. Received: {text[:1500]}{located}{also}. "
+        + advice
+    )
+
+
+def _invoke(interpreter, in_details, out_details, xs: List[np.ndarray], where=None) -> List[np.ndarray]:
+    """Run the interpreter on a batch, resizing the batch axis (or in chunks of a static batch, or sample by sample).
+
+    ``where`` is ``(content, layer_names)``, to name the op and layer of a failure.
+
+    Raises:
+        LiteRTRuntimeError: If the file fails in the interpreter (also at batch 1).
+    """
     batch = xs[0].shape[0]
-    static = [int(d["shape_signature"][0]) for d in in_details if len(d["shape_signature"])]
-    if batch > 1 and static and all(b == 1 for b in static):
-        # A file with a fixed batch of 1 (e.g. litert-torch's): resizing would break its reshapes.
-        outs = [_invoke(interpreter, in_details, out_details, [x[i : i + 1] for x in xs]) for i in range(batch)]
+    static = {int(d["shape_signature"][0]) for d in in_details if len(d["shape_signature"])}
+    fixed = static.pop() if len(static) == 1 else -1
+    if fixed > 0 and batch != fixed:
+        # A file with a fixed batch (litert-torch's, or batch_size=...): resizing would break its reshapes and
+        # loops, so run chunks of that batch (the last one padded with its last sample).
+        outs = []
+        for start in range(0, batch, fixed):
+            chunk = [x[start : start + fixed] for x in xs]
+            n = chunk[0].shape[0]
+            if n < fixed:
+                chunk = [np.concatenate([c, np.repeat(c[-1:], fixed - n, axis=0)], axis=0) for c in chunk]
+            outs.append([o[:n] for o in _invoke(interpreter, in_details, out_details, chunk, where)])
         return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(out_details))]
     try:
-        _resize_inputs(interpreter, in_details, xs)
-        for d, x in zip(in_details, xs):
-            interpreter.set_tensor(d["index"], _quantize_input(x, d))
-        interpreter.invoke()
-        return [_dequantize_output(interpreter.get_tensor(d["index"]).copy(), d) for d in out_details]
-    except (ValueError, RuntimeError):
+        return _run_once(interpreter, in_details, out_details, xs)
+    except (ValueError, RuntimeError) as exc:
         if batch == 1:
-            raise
-        logger.debug("Batch resize failed; running the TFLite model one sample at a time.")
-    outs = [_invoke(interpreter, in_details, out_details, [x[i : i + 1] for x in xs]) for i in range(batch)]
+            raise _runtime_error(exc, where) from None
+        first = (batch, exc)
+    logger.debug("Batch resize failed; running the TFLite model one sample at a time.")
+    outs = []
+    for i in range(batch):
+        try:
+            outs.append(_run_once(interpreter, in_details, out_details, [x[i : i + 1] for x in xs]))
+        except (ValueError, RuntimeError) as exc:
+            raise _runtime_error(exc, where, first) from None
     return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(out_details))]
 
 
@@ -787,6 +866,8 @@ def run_tflite(path_or_bytes: PathOrBytes, inputs, model=None, num_threads: int 
 
     Raises:
         InvalidArgumentError: If the inputs do not fit the model.
+        LiteRTRuntimeError: If the file fails in the LiteRT interpreter (the
+            interpreter's message, with the op and layer where it tells).
 
     Example:
         >>> result = export_tflite(model)                  # doctest: +SKIP
@@ -812,7 +893,8 @@ def run_tflite(path_or_bytes: PathOrBytes, inputs, model=None, num_threads: int 
         elif not isinstance(inputs, (list, tuple)):
             inputs = [inputs]
         xs = [np.asarray(a) for a in inputs]
-    return _invoke(interpreter, in_details, out_details, xs)
+    names = _c_layer_names(model) if model is not None else ()
+    return _invoke(interpreter, in_details, out_details, xs, where=(content, names))
 
 
 # --------------------------------------------------------------------------
@@ -888,33 +970,207 @@ def _float32_copy(model):
     return copy
 
 
-def _convert(model, quantize: str, int8_io: bool, calibration: Optional[List[List[np.ndarray]]], specs) -> bytes:
+def _convert(model, quantize: str, int8_io: bool, calibration: Optional[List[List[np.ndarray]]], specs,
+             shapes=None, select_tf_ops: bool = False) -> bytes:
     """The TFLite converter's file for ``model`` (float32, or its float16 / dynamic / int8 quantization).
 
     tf_keras models and Keras 3 models on TensorFlow convert in this process;
     Keras 3 models on JAX or torch in a TensorFlow-backend subprocess.
+    ``shapes`` (one full input shape per input, or ``None``) replaces the
+    model's own input shapes.
     """
     from keras_rebuild.export import convert as _c
 
     backend = _c.keras_backend_of(model)
     if backend == "tf_keras":
-        return _c.convert_tf_keras(model, quantize, int8_io, calibration, specs)
+        return _c.convert_tf_keras(model, quantize, int8_io, calibration, specs, shapes, select_tf_ops)
     if backend == "tensorflow":
-        return _c.convert_keras3_tensorflow(model, quantize, int8_io, calibration, specs)
-    return _c.convert_in_subprocess(model, quantize, int8_io, calibration, specs, converter_needed=True)
+        return _c.convert_keras3_tensorflow(model, quantize, int8_io, calibration, specs, shapes, select_tf_ops)
+    return _c.convert_in_subprocess(model, quantize, int8_io, calibration, specs, converter_needed=True,
+                                    shapes=shapes, select_tf_ops=select_tf_ops)
 
 
-def _float32_file(model, specs) -> Tuple[bytes, str]:
+def _float32_file(model, specs, shapes=None, select_tf_ops: bool = False) -> Tuple[bytes, str]:
     """A float32 file made the native way of the model's backend, and how it was made."""
     from keras_rebuild.export import convert as _c
 
     backend = _c.keras_backend_of(model)
     if backend == "torch":
-        return _c.convert_keras3_torch(model), "litert-torch"
+        return _c.convert_keras3_torch(model, specs, shapes), "litert-torch"
     if backend == "jax":
-        content = _c.convert_in_subprocess(model, "float32", False, None, specs)
+        content = _c.convert_in_subprocess(model, "float32", False, None, specs, shapes=shapes,
+                                           select_tf_ops=select_tf_ops)
         return content, f"tflite-converter (subprocess, {_c._worker_backend('float32', False)} backend)"
-    return _convert(model, "float32", False, None, specs), "tflite-converter"
+    return _convert(model, "float32", False, None, specs, shapes, select_tf_ops), "tflite-converter"
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _has_recurrent_layers(model) -> bool:
+    """Whether any layer (nested ones included) is a recurrent layer: LSTM, GRU, SimpleRNN, their wrappers."""
+    return any(any(c.__name__ in _RECURRENT_BASES for c in type(layer).__mro__) for layer in _iter_layers(model))
+
+
+def _set_key(value, key: str, new):
+    """A copy of a nested config with every ``key`` set to ``new``."""
+    if isinstance(value, dict):
+        return {k: (new if k == key else _set_key(v, key, new)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_set_key(v, key, new) for v in value]
+    return value
+
+
+def _unrolled_copy(model):
+    """A copy of ``model`` whose recurrent layers unroll their time loop (same weights)."""
+    try:
+        copy = type(model).from_config(_set_key(model.get_config(), "unroll", True))
+        copy.set_weights(model.get_weights())
+    except (NotImplementedError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise InvalidArgumentError(
+            "Expected a functional or Sequential model whose recurrent layers have a fixed number of time steps "
+            "with unroll_rnn=True (the loop is unrolled once per step). Received: "
+            f"{received('model', model)} ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
+    return copy
+
+
+# --------------------------------------------------------------------------
+# The Keras reference: layer outputs, determinism
+# --------------------------------------------------------------------------
+
+
+def _graph_tensors(model) -> Tuple[List[Any], List[str]]:
+    """Every layer output of a functional (or Sequential) model, inputs first, with its layer's name."""
+    graph = getattr(model, "_functional", None) or model
+    by_depth = getattr(graph, "_nodes_by_depth", None)
+    if not by_depth or not getattr(model, "inputs", None):
+        return [], []
+    if _flavour(model) == "keras3":
+        import keras
+
+        flatten = keras.tree.flatten
+    else:
+        from keras_rebuild._compat import tf
+
+        flatten = tf.nest.flatten
+    tensors, names = [], []
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            layer = getattr(node, "operation", None) or getattr(node, "layer", None)
+            if layer is None or type(layer).__name__ == "InputLayer":
+                continue
+            for t in flatten(node.outputs):
+                dtype = str(getattr(t, "dtype", ""))
+                if "float" in dtype:
+                    tensors.append(t)
+                    names.append(layer.name)
+    return tensors, names
+
+
+def _layer_outputs_fn(model):
+    """``(fn, layer names)``: ``fn(xs)`` gives every float layer output of ``model`` as numpy.
+
+    ``(None, [])`` when the layers cannot be read (a subclassed model).
+    """
+    try:
+        tensors, names = _graph_tensors(model)
+        if not tensors:
+            return None, []
+        if _flavour(model) == "keras3":
+            import keras
+
+            convert = keras.ops.convert_to_numpy
+        else:
+            from keras_rebuild._compat import keras
+
+            convert = np.asarray
+        probe = keras.Model(model.inputs, tensors)
+    except Exception as exc:  # noqa: BLE001 - only a refinement of the tolerance
+        logger.debug("Cannot read the layer outputs of %s: %s", getattr(model, "name", model), exc)
+        return None, []
+
+    def fn(xs):
+        out = probe(xs if len(xs) > 1 else xs[0], training=False)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return [np.asarray(convert(o)) for o in out]
+
+    return fn, names
+
+
+def _internal_scale(fn, xs: List[np.ndarray], chunk: int = 4) -> Optional[float]:
+    """The largest absolute value of any layer output on ``xs`` (in chunks, to bound memory), or ``None``."""
+    if fn is None:
+        return None
+    largest = 0.0
+    try:
+        for start in range(0, xs[0].shape[0], chunk):
+            for a in fn([x[start : start + chunk] for x in xs]):
+                a = np.abs(np.asarray(a, dtype=np.float64))
+                a = a[np.isfinite(a)]
+                if a.size:
+                    largest = max(largest, float(a.max()))
+    except Exception as exc:  # noqa: BLE001 - only a refinement of the tolerance
+        logger.debug("Cannot compute the internal scale: %s", exc)
+        return None
+    return largest
+
+
+def _stochastic_layer(fn, names: List[str], xs: List[np.ndarray]) -> Optional[str]:
+    """The first layer (from the inputs) whose output differs between two identical calls, or ``None``."""
+    if fn is None:
+        return None
+    try:
+        small = [x[:2] for x in xs]
+        first, second = fn(small), fn(small)
+    except Exception:  # noqa: BLE001 - only a hint for the error message
+        return None
+    for name, a, b in zip(names, first, second):
+        if a.shape != b.shape or not np.array_equal(a, b, equal_nan=True):
+            return name
+    return None
+
+
+def _reference_outputs(model, xs: List[np.ndarray], tol: Dict[str, float]) -> Tuple[List[np.ndarray], float]:
+    """The Keras outputs on ``xs`` and the internal scale; checks the model is finite and deterministic.
+
+    Raises:
+        VerificationError: If the Keras outputs hold NaN or Inf.
+        StochasticModelError: If two identical calls give outputs that differ by more than the tolerance.
+    """
+    expected = [np.asarray(e) for e in _keras_outputs(model, xs)]
+    for e in expected:
+        if np.issubdtype(e.dtype, np.floating) and not np.isfinite(e).all():
+            raise VerificationError(
+                "Expected the Keras model to give finite outputs on the verification inputs. Received: "
+                f"{int((~np.isfinite(e)).sum())} NaN/Inf output values: the model itself is broken on these inputs "
+                "(check its weights or pass other `sample_inputs`); raising the tolerances would not help"
+            )
+    fn, names = _layer_outputs_fn(model)
+    scales = [float(np.max(np.abs(e))) if e.size and np.issubdtype(e.dtype, np.number) else 0.0 for e in expected]
+    internal = _internal_scale(fn, xs)
+    internal = max([internal if internal is not None else 0.0] + scales)
+    again = [np.asarray(e) for e in _keras_outputs(model, xs)]
+    out_names = _output_names(model, len(expected))
+    for name, e, a, scale in zip(out_names, expected, again, scales):
+        if e.shape != a.shape:
+            diff = float("inf")
+        elif not np.issubdtype(e.dtype, np.number):
+            diff = 0.0 if np.array_equal(e, a) else float("inf")
+        else:
+            diff = float(np.max(np.abs(e.astype(np.float64) - a.astype(np.float64)))) if e.size else 0.0
+        if diff > tol["atol"] + tol["rtol"] * scale + tol["ctol"] * internal:
+            layer = _stochastic_layer(fn, names, xs)
+            where = f" (first in layer {layer!r})" if layer else ""
+            raise StochasticModelError(
+                "Expected the Keras model to give the same outputs for the same inputs, so that the LiteRT file "
+                f"can be compared with it. Received: output {name!r} differs by up to {diff:.3g} between two "
+                f"identical calls{where}: a random layer (e.g. a VAE's sampling layer) makes verification "
+                "meaningless. Export the deterministic part (e.g. the decoder), or pass verify=False to export "
+                "unverified"
+            )
+    return expected, internal
 
 
 def _signature_samples(content: bytes, specs, samples: List[List[np.ndarray]]) -> List[Dict[str, np.ndarray]]:
@@ -927,17 +1183,11 @@ def _signature_samples(content: bytes, specs, samples: List[List[np.ndarray]]) -
 
 
 def _verify(
-    model, content: bytes, xs: List[np.ndarray], atol: float, rtol: float, min_top1: Optional[float]
+    model, content: bytes, xs: List[np.ndarray], atol: float, rtol: float, min_top1: Optional[float],
+    ctol: float = 0.0, expected: Optional[List[np.ndarray]] = None, internal_scale: Optional[float] = None,
 ) -> VerificationResult:
-    expected = _keras_outputs(model, xs)
-    for e in expected:
-        e = np.asarray(e)
-        if np.issubdtype(e.dtype, np.floating) and not np.isfinite(e).all():
-            raise VerificationError(
-                "Expected the Keras model to give finite outputs on the verification inputs. Received: "
-                f"{int((~np.isfinite(e)).sum())} NaN/Inf output values: the model itself is broken on these inputs "
-                "(check its weights or pass other `sample_inputs`); raising the tolerances would not help"
-            )
+    if expected is None:
+        expected, internal_scale = _reference_outputs(model, xs, {"atol": atol, "rtol": rtol, "ctol": ctol})
     got = run_tflite(content, xs, model=model)
     names = _output_names(model, len(expected))
     per_output = []
@@ -952,37 +1202,42 @@ def _verify(
             )
         diff = np.abs(e - g)
         scale = float(np.max(np.abs(e))) if e.size else 0.0
+        internal = max(scale, internal_scale or 0.0)
         spread = float(np.max(np.std(e, axis=0))) if e.ndim and e.shape[0] > 1 and e.size else 0.0
         max_err = float(diff.max()) if diff.size else 0.0
         top1 = None
         if e.ndim == 2 and e.shape[1] > 1:
             top1 = float(np.mean(np.argmax(e, axis=1) == np.argmax(g, axis=1)))
             top1s.append(top1)
-        ok = bool(np.isfinite(max_err) and max_err <= atol + rtol * scale)
+        tolerance = atol + rtol * scale + ctol * internal
+        ok = bool(np.isfinite(max_err) and max_err <= tolerance)
         passed = passed and ok
         abs_sum += float(diff.sum())
         count += diff.size
         per_output.append(
             {"name": name, "max_abs_error": max_err, "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
-             "scale": scale, "spread": spread, "top1_agreement": top1, "passed": ok,
-             "vacuous": spread <= atol + rtol * scale}
+             "scale": scale, "spread": spread, "top1_agreement": top1, "passed": ok, "tolerance": tolerance,
+             "vacuous": spread <= tolerance}
         )
     top1_agreement = min(top1s) if top1s else None
     if min_top1 is not None and top1_agreement is not None and top1_agreement < min_top1:
         passed = False
+    output_scale = max(p["scale"] for p in per_output)
     return VerificationResult(
         max_abs_error=max(p["max_abs_error"] for p in per_output),
         mean_abs_error=abs_sum / max(count, 1),
         top1_agreement=top1_agreement,
         passed=passed,
         num_samples=int(xs[0].shape[0]),
-        output_scale=max(p["scale"] for p in per_output),
+        output_scale=output_scale,
         atol=atol,
         rtol=rtol,
         min_top1=min_top1,
         per_output=per_output,
         output_spread=max(p["spread"] for p in per_output),
         vacuous=int(xs[0].shape[0]) < 2 or all(p["vacuous"] for p in per_output),
+        internal_scale=max(output_scale, internal_scale or 0.0),
+        ctol=ctol,
     )
 
 
@@ -1023,6 +1278,10 @@ def export_tflite(
     num_verify_samples: int = 32,
     seed: int = 0,
     int8_backend: str = "quantizer",
+    ctol: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    unroll_rnn: bool = False,
+    select_tf_ops: bool = False,
 ) -> ExportResult:
     """Convert a Keras model to LiteRT (``.tflite``), check it in LiteRT, and write it atomically.
 
@@ -1033,7 +1292,8 @@ def export_tflite(
     converts it in a subprocess under the TensorFlow backend. Every file is
     verified here, against the model as given, in the LiteRT interpreter. A
     file that would need TensorFlow (Flex) or custom ops is a ``FlexOpError``:
-    standalone LiteRT on phones cannot run it.
+    standalone LiteRT on phones cannot run it (``select_tf_ops=True`` lets
+    TensorFlow ops in explicitly).
 
     ``quantize="int8"`` goes through the LiteRT Quantizer (``litert-quantizer``)
     by default: static int8 weights and activations calibrated on
@@ -1050,19 +1310,42 @@ def export_tflite(
     tensorflow-model-optimization's ``prune_low_magnitude`` wrappers via
     ``strip_pruning`` on a copy). The model passed in is never modified.
 
+    Input shapes. The file keeps the model's dynamic batch, with two
+    exceptions. Models with recurrent layers (``LSTM``, ``GRU``,
+    ``SimpleRNN``, ``Bidirectional``, ``ConvLSTM``) get a static batch of 1 by
+    default: the converter turns their time loop into LiteRT built-ins (the
+    fused ``UNIDIRECTIONAL_SEQUENCE_LSTM`` for tf_keras' LSTM, a ``WHILE``
+    loop otherwise) only for a static batch, the batch an app runs anyway.
+    ``unroll_rnn=True`` unrolls the loop instead (one copy of the cell per
+    time step: a dynamic batch, a larger file, and the number of time steps
+    must be fixed); ``batch_size`` sets any static batch. Dimensions the model
+    leaves unknown (``Input((None, None, 3))``, as in pix2pix or U-Nets) take
+    their sizes from ``sample_inputs``, else from ``representative_data``: the
+    file gets that concrete shape.
+
     With ``verify=True`` the converted model runs in the LiteRT interpreter on
     sample inputs (``sample_inputs``, else the first samples of
     ``representative_data``, else seeded standard-normal inputs) and its
     outputs are compared with the Keras model's. Quantized inputs and outputs
     are (de)quantized with their scale and zero point, and tensors are matched
     to the Keras inputs and outputs by name, then shape. An output passes when
-    ``max_abs_error <= atol + rtol * scale``, where ``scale`` is its largest
-    absolute Keras value. Defaults (``DEFAULT_TOLERANCES``):
+    ``max_abs_error <= atol + rtol * scale + ctol * internal_scale``, where
+    ``scale`` is its largest absolute Keras value and ``internal_scale`` the
+    largest absolute value of any layer output inside the Keras model (an
+    output that is a small difference of large values, such as a Siamese
+    distance, carries the round-off of those values). Defaults
+    (``DEFAULT_TOLERANCES``):
 
-    - ``"float32"``: ``atol=1e-6, rtol=1e-4`` (round-off only).
-    - ``"float16"``: ``atol=1e-3, rtol=2e-2``.
-    - ``"dynamic"`` and ``"int8"``: ``atol=1e-2, rtol=0.3`` -- generous, to
-      catch broken conversions, not to certify accuracy.
+    - ``"float32"``: ``atol=1e-6, rtol=1e-4, ctol=1e-5`` (round-off only).
+    - ``"float16"``: ``atol=1e-3, rtol=2e-2, ctol=2e-3``.
+    - ``"dynamic"`` and ``"int8"``: ``atol=1e-2, rtol=0.3, ctol=0.05`` --
+      generous, to catch broken conversions, not to certify accuracy.
+
+    Before converting, the Keras model is called twice on the same inputs: a
+    model whose outputs differ (a random layer in ``call``, such as a VAE's
+    sampling layer) cannot be verified, and is a ``StochasticModelError``
+    naming the first layer that differs (export its deterministic part, or
+    pass ``verify=False``).
 
     Top-1 agreement is reported for outputs of shape ``(batch, classes)`` and
     is only enforced when ``min_top1`` is given (on random inputs an untrained
@@ -1079,12 +1362,14 @@ def export_tflite(
         representative_data: Calibration inputs for ``"int8"``: a numpy array
             of samples ``(n, ...)``, a list or dict of arrays for multi-input
             models, a ``tf.data.Dataset`` or an iterable of batches (elements
-            ``(x, y)`` are accepted; ``y`` is ignored).
+            ``(x, y)`` are accepted; ``y`` is ignored). Also the sizes of
+            unknown input dimensions when ``sample_inputs`` is not given.
         verify: Compare LiteRT with Keras before writing.
         int8_io: Make the input and output tensors int8 (microcontrollers,
             NPUs). Only valid with ``quantize="int8"``.
         sample_inputs: Inputs to verify on (same forms as ``representative_data``
-            for a single batch).
+            for a single batch). They also give unknown input dimensions
+            their sizes in the file.
         overwrite: Replace an existing file at ``path``.
         atol: Absolute verification tolerance; default per mode (see above).
         rtol: Verification tolerance relative to each output's scale.
@@ -1097,6 +1382,22 @@ def export_tflite(
         int8_backend: ``"quantizer"`` (the LiteRT Quantizer, falling back to
             the converter) or ``"converter"`` (the TFLite converter's own
             int8, as before; needs TensorFlow) for ``quantize="int8"``.
+        ctol: Verification tolerance relative to the model's internal scale
+            (the largest absolute layer output); default per mode. ``0``
+            judges every output by its own scale only.
+        batch_size: A static batch for the file's inputs, or ``None``: a
+            dynamic batch, or 1 for models with recurrent layers (see above).
+        unroll_rnn: Unroll the time loop of recurrent layers (needs a fixed
+            number of time steps) and keep a dynamic batch, instead of the
+            default static batch of 1.
+        select_tf_ops: Explicit opt-in to TensorFlow ops (``SELECT_TF_OPS``)
+            where LiteRT has no built-in op (e.g. ``tf.image.extract_patches``,
+            tensor lists). The file then runs only with the Flex delegate
+            (``org.tensorflow:tensorflow-lite-select-tf-ops`` on Android,
+            several MB); ``result.flex_ops`` lists its TensorFlow ops and a
+            warning says so. The LiteRT interpreter here has no Flex delegate,
+            so such a file needs ``verify=False``. Only for the TFLite
+            converter (not the torch backend's float32 path).
 
     Returns:
         An ``ExportResult`` with the path, sizes, verification numbers and
@@ -1104,11 +1405,19 @@ def export_tflite(
 
     Raises:
         NotAModelError: If ``model`` is not a Keras model.
-        FlexOpError: If the model needs TensorFlow (Flex) or custom ops.
+        FlexOpError: If the model needs TensorFlow (Flex) or custom ops (and
+            ``select_tf_ops`` is not set), naming the op and the layer.
+        ConversionError: If the converter fails otherwise (its message, and
+            the layer where it tells).
+        LiteRTRuntimeError: If the converted file fails in the LiteRT
+            interpreter (its message, and the op and layer where it tells).
         InvalidArgumentError: For an unknown ``quantize``, ``"int8"`` without
-            ``representative_data``, ``int8_io`` without ``"int8"``, or
-            malformed data.
+            ``representative_data``, ``int8_io`` without ``"int8"``,
+            malformed data, or unknown input dimensions without
+            ``sample_inputs`` or ``representative_data``.
         OutputExistsError: If ``path`` exists and ``overwrite`` is False.
+        StochasticModelError: If the Keras model's outputs differ between
+            two identical calls (verification would be meaningless).
         VerificationError: If the TFLite outputs are outside tolerance.
 
     Example:
@@ -1138,7 +1447,7 @@ def export_tflite(
             "Expected `representative_data` (e.g. a few hundred training inputs) with quantize='int8': "
             "full-integer quantization calibrates activation ranges on it. Received: representative_data=None"
         )
-    for arg, value in (("atol", atol), ("rtol", rtol)):
+    for arg, value in (("atol", atol), ("rtol", rtol), ("ctol", ctol)):
         if value is not None and not value >= 0:
             raise InvalidArgumentError(f"Expected `{arg}` to be >= 0. Received: {received(arg, value)}")
     if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
@@ -1149,23 +1458,56 @@ def export_tflite(
             raise InvalidArgumentTypeError(f"Expected `{arg}` to be an int. Received: {received(arg, value)}")
         if value < low:
             raise InvalidArgumentError(f"Expected `{arg}` to be >= {low}. Received: {received(arg, value)}")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise InvalidArgumentTypeError(
+                f"Expected `batch_size` to be an int or None. Received: {received('batch_size', batch_size)}"
+            )
+        if batch_size < 1:
+            raise InvalidArgumentError(
+                f"Expected `batch_size` to be >= 1. Received: {received('batch_size', batch_size)}"
+            )
+    for arg, value in (("unroll_rnn", unroll_rnn), ("select_tf_ops", select_tf_ops)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidArgumentTypeError(f"Expected `{arg}` to be a bool. Received: {received(arg, value)}")
     if path is not None:
         check_output_path(path, overwrite=overwrite, arg="path")
         path = os.fspath(path)
 
     specs = _input_specs(model)
     prepared = _prepare_model(model)
+    backend = _keras_backend(prepared)
+    if select_tf_ops and backend == "torch" and not (mode != "float32" and int8_backend == "converter"):
+        raise InvalidArgumentError(
+            "Expected `select_tf_ops=True` only where the TFLite converter converts (tf_keras, Keras 3 on "
+            "TensorFlow or JAX): the torch backend's litert-torch has no TensorFlow ops. Received: "
+            "select_tf_ops=True on the torch backend"
+        )
     low_precision = _is_low_precision(prepared)
     if low_precision:
         logger.info("Model computes in float16/bfloat16: exporting a float32 copy of it (%s).", mode)
         prepared = _float32_copy(prepared)
+    recurrent = _has_recurrent_layers(prepared)
+    if unroll_rnn and recurrent:
+        prepared = _unrolled_copy(prepared)
     calibration = None
     if representative_data is not None:
         limit = max(num_calibration_samples, num_verify_samples) if mode == "int8" else num_verify_samples
         calibration = _representative_batches(representative_data, specs, limit)
     xs = None
-    if verify and sample_inputs is not None:
+    if sample_inputs is not None:
         xs = _as_sample_list(sample_inputs, specs, "sample_inputs")
+
+    # The file's input shapes: concrete sizes for unknown dimensions, a static batch for recurrent layers.
+    file_specs = _concrete_specs(specs, xs, calibration)
+    static_batch = batch_size
+    if static_batch is None and recurrent and not unroll_rnn:
+        static_batch = 1
+        logger.info("Model has recurrent layers: exporting with a static batch of 1 (batch_size=1; "
+                    "unroll_rnn=True unrolls the time loop instead).")
+    shapes = None
+    if static_batch is not None or file_specs != specs:
+        shapes = [(static_batch,) + tuple(shape) for _, shape, _ in file_specs]
 
     logger.info("Converting %s to LiteRT (%s).", model.name, mode)
     cal = calibration[:num_calibration_samples] if calibration else None
@@ -1173,35 +1515,39 @@ def export_tflite(
         if calibration is not None:
             xs = _concat_samples(calibration[:num_verify_samples])
         else:
-            xs = _random_inputs(specs, num_verify_samples, seed)
+            xs = _random_inputs(file_specs, num_verify_samples, seed)
     # A float16/mixed-precision model is only as exact as float16.
     tol = dict(DEFAULT_TOLERANCES["float16" if low_precision and mode == "float32" else mode])
     tol["atol"] = tol["atol"] if atol is None else float(atol)
     tol["rtol"] = tol["rtol"] if rtol is None else float(rtol)
+    tol["ctol"] = tol["ctol"] if ctol is None else float(ctol)
     names = _c_layer_names(model) + _c_layer_names(prepared)
+    reference = _reference_outputs(model, xs, tol) if verify else None
 
     def check(content: bytes) -> Optional[VerificationResult]:
-        check_builtin_only(content, names)
+        check_builtin_only(content, names, allow_flex=select_tf_ops)
         if not verify:
             return None
         # Compare with the model as given (not the stripped/rebuilt copy), so
         # stripping and rebuilding are checked end to end too.
-        verification = _verify(model, content, xs, atol=tol["atol"], rtol=tol["rtol"], min_top1=min_top1)
+        verification = _verify(model, content, xs, atol=tol["atol"], rtol=tol["rtol"], min_top1=min_top1,
+                               ctol=tol["ctol"], expected=reference[0], internal_scale=reference[1])
         logger.info("%s", verification)
         if not verification.passed:
             details = "; ".join(
-                f"{p['name']}: max abs error {p['max_abs_error']:.3g} (scale {p['scale']:.3g}"
+                f"{p['name']}: max abs error {p['max_abs_error']:.3g} (scale {p['scale']:.3g}, "
+                f"tolerance {p['tolerance']:.3g}"
                 + (f", top-1 agreement {100 * p['top1_agreement']:.1f}%" if p["top1_agreement"] is not None else "")
                 + ")"
                 for p in verification.per_output
             )
             raise VerificationError(
                 f"The {mode} TFLite model does not match the Keras model: {verification}. Per output: {details}. "
-                f"Nothing was written; raise `atol`/`rtol`/lower `min_top1`, or pass verify=False to export anyway."
+                f"Nothing was written; raise `atol`/`rtol`/`ctol`/lower `min_top1`, or pass verify=False to export "
+                "anyway."
             )
         return verification
 
-    backend = _keras_backend(prepared)
     made_by, used_int8, fallback, qvalidation = "tflite-converter", None, None, None
     use_quantizer = (mode == "int8" and int8_backend == "quantizer") or (mode == "dynamic" and backend == "torch")
     content = None
@@ -1209,20 +1555,22 @@ def export_tflite(
         from keras_rebuild.export import quantize as _q
 
         try:
-            float_content, made_by = _float32_file(prepared, specs)
-            check_builtin_only(float_content, names)
-            val = cal[: min(len(cal), 16)] if cal else _random_sample_list(specs, 4, seed)
+            float_content, made_by = _float32_file(prepared, specs, shapes, select_tf_ops)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the final file's check warns about Flex ops
+                check_builtin_only(float_content, names, allow_flex=select_tf_ops)
+            val = cal[: min(len(cal), 16)] if cal else _random_sample_list(file_specs, 4, seed)
             content, qvalidation = _q.quantize(
                 float_content, mode,
-                calibration=_signature_samples(float_content, specs, cal) if cal else None,
-                validation_samples=_signature_samples(float_content, specs, val),
+                calibration=_signature_samples(float_content, file_specs, cal) if cal else None,
+                validation_samples=_signature_samples(float_content, file_specs, val),
                 int8_io=int8_io,
             )
             if mode == "int8" and not _is_fully_integer(content):
                 raise VerificationError("the quantizer left the model in float")
             verification = check(content)
             used_int8 = "quantizer"
-        except FlexOpError:
+        except (FlexOpError, ConversionError, StochasticModelError):
             raise
         except (ImportError, ValueError, RuntimeError, KeyError, IndexError, TypeError, AttributeError) as exc:
             if mode == "dynamic" and backend == "torch":
@@ -1234,10 +1582,10 @@ def export_tflite(
             logger.warning("int8 export: %s.", fallback)
             content, qvalidation = None, None
     if content is None and mode == "float32":
-        content, made_by = _float32_file(prepared, specs)
+        content, made_by = _float32_file(prepared, specs, shapes, select_tf_ops)
         verification = check(content)
     elif content is None:
-        content = _convert(prepared, mode, int8_io, cal, specs)
+        content = _convert(prepared, mode, int8_io, cal, specs, shapes, select_tf_ops)
         made_by = "tflite-converter" if backend in ("tf_keras", "tensorflow") else \
             "tflite-converter (subprocess, tensorflow backend)"
         if mode in ("int8", "dynamic"):
@@ -1253,6 +1601,8 @@ def export_tflite(
         write_bytes(path, content, overwrite=overwrite, arg="path")
         logger.info("Wrote %s (%d bytes).", path, len(content))
     inputs_q, outputs_q = _io_quantization(content)
+    from keras_rebuild.export.flatbuffer import flex_ops as _flex_ops
+
     return ExportResult(
         path=path,
         size_bytes=len(content),
@@ -1266,8 +1616,40 @@ def export_tflite(
         int8_backend=used_int8,
         fallback_reason=fallback,
         quantizer_validation=qvalidation,
+        flex_ops=_flex_ops(content) if select_tf_ops else [],
         _content=content if path is None else None,
     )
+
+
+def _concrete_specs(specs, xs: Optional[List[np.ndarray]], calibration) -> List[tuple]:
+    """``specs`` with unknown dimensions sized from ``sample_inputs`` (``xs``), else the representative data.
+
+    Raises:
+        InvalidArgumentError: If a dimension is unknown and no data is given, or the representative
+            samples disagree with the sizes chosen.
+    """
+    unknown = [name for name, shape, _ in specs if any(d is None for d in shape)]
+    if not unknown:
+        return specs
+    source = xs if xs is not None else (calibration[0] if calibration else None)
+    if source is None:
+        shapes = ", ".join(f"{name!r} {_fmt_shape(shape)}" for name, shape, _ in specs if name in unknown)
+        raise InvalidArgumentError(
+            f"Expected `sample_inputs` (or `representative_data`) for a model with inputs of unknown size: "
+            f"{shapes}. Their sizes become the exported file's input shape (LiteRT's GPU and NPU delegates "
+            "need static shapes). Received: sample_inputs=None, representative_data=None"
+        )
+    out = [(name, tuple(a.shape[1:]), dtype) for (name, _, dtype), a in zip(specs, source)]
+    for sample in calibration or []:
+        for (name, shape, _), a in zip(out, sample):
+            if tuple(a.shape[1:]) != shape:
+                raise InvalidArgumentError(
+                    f"Expected every `representative_data` sample for input {name!r} to have the size "
+                    f"{_fmt_shape(shape)} (taken from {'sample_inputs' if xs is not None else 'its first sample'}"
+                    f"), the exported file's input shape. Received: a sample of shape {_fmt_shape(a.shape[1:])}"
+                )
+    logger.info("Inputs of unknown size exported as %s.", ", ".join(f"{n!r} {_fmt_shape(s)}" for n, s, _ in out))
+    return out
 
 
 def _is_model(model) -> bool:

@@ -25,10 +25,12 @@ def main(job_path: str) -> int:
             data = np.load(job["calibration"])
             arrays = [data[f"input_{i}"] for i in range(len(specs))]
             calibration = [[a[j:j + 1] for a in arrays] for j in range(arrays[0].shape[0])]
+        shapes = job.get("shapes")
         if keras.backend.backend() == "torch":
-            content = convert.convert_keras3_torch(model)
+            content = convert.convert_keras3_torch(model, specs, shapes)
         else:
-            content = convert.convert_keras3_tensorflow(model, job["quantize"], job["int8_io"], calibration, specs)
+            content = convert.convert_keras3_tensorflow(model, job["quantize"], job["int8_io"], calibration, specs,
+                                                        shapes, bool(job.get("select_tf_ops")))
         with open(job["out"], "wb") as f:
             f.write(content)
     except Exception as exc:  # reported to the parent process as our error

@@ -3,9 +3,13 @@
 * :func:`check_builtin_only` - the Flex check: a file that needs TensorFlow
   ops (``SELECT_TF_OPS``, custom ops named ``Flex...``) cannot run in
   standalone LiteRT on a phone, so it is an error naming the op and, where the
-  tensor names tell, the Keras layer it came from.
+  tensor names tell, the Keras layer it came from. With the explicit opt-in
+  (``export_tflite(..., select_tf_ops=True)``) Flex ops are allowed, with a
+  warning; other custom ops never are.
 * :func:`flex_error_from_converter` - the same error from the converter's own
   message when it refuses a TensorFlow op with built-in ops only.
+* :func:`layer_at_node` - the Keras layer(s) an interpreter node number came
+  from, to name them when the file fails in LiteRT.
 * :func:`add_float_io` - wrap an int8-I/O model with ``QUANTIZE`` /
   ``DEQUANTIZE`` ops so it takes and returns float32.
 
@@ -14,12 +18,18 @@ Only ``ai_edge_litert`` (its flatbuffer schema) is used here.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, List, Optional, Sequence
 
-from keras_rebuild.errors import UnsupportedModelError
+from keras_rebuild.errors import ConversionError
+
+SELECT_TF_OPS_HINT = (
+    "or pass select_tf_ops=True to let TensorFlow ops into the file (phones then need the Flex delegate, "
+    "'org.tensorflow:tensorflow-lite-select-tf-ops', which adds several MB to the app)"
+)
 
 
-class FlexOpError(UnsupportedModelError):
+class FlexOpError(ConversionError):
     """A model needs TensorFlow (Flex / ``SELECT_TF_OPS``) or custom ops that standalone LiteRT cannot run."""
 
 
@@ -69,53 +79,145 @@ def _layers_in(text: str, layer_names: Iterable[str]) -> List[str]:
     return found
 
 
-def _message(ops: Sequence[str], layers: Sequence[str], what: str) -> str:
-    where = (f" in layer(s) {', '.join(repr(n) for n in layers)}" if layers
-             else " (the layer could not be told from the tensor names)")
+def _where(layers: Sequence[str]) -> str:
+    return (f" in layer(s) {', '.join(repr(n) for n in layers)}" if layers
+            else " (the layer could not be told from the tensor names)")
+
+
+def _message(ops: Sequence[str], layers: Sequence[str], what: str, flex: bool = True) -> str:
+    advice = ("Replace the layer with built-in Keras layers/ops, or build it from ops LiteRT supports"
+              + (f", {SELECT_TF_OPS_HINT}" if flex else ""))
+    if any(re.sub("^Flex", "", o).startswith("TensorList") for o in ops):
+        advice = ("A loop over a dimension that is unknown when converting (a recurrent layer with a dynamic "
+                  "batch) needs tensor lists: pass batch_size=1 (or unroll_rnn=True for a fixed number of "
+                  f"time steps), {SELECT_TF_OPS_HINT}")
     return (
         "Expected a model LiteRT runs with its built-in ops only (standalone LiteRT on phones cannot run "
-        f"TensorFlow/Flex or custom ops). Received: {what} {', '.join(sorted(set(ops)))}{where}. Replace "
-        "the layer with built-in Keras layers/ops, or build it from ops LiteRT supports"
+        f"TensorFlow/Flex or custom ops). Received: {what} {', '.join(sorted(set(ops)))}{_where(layers)}. "
+        + advice
     )
 
 
-def check_builtin_only(content: bytes, layer_names: Iterable[str] = ()) -> None:
+def _custom_ops(model):
+    """``[(op name, [tensor names])]`` of every custom (Flex included) op of every subgraph."""
+    schema_fb, fb = _schema()
+    found = []
+    for sg in model.subgraphs or []:
+        for op in sg.operators or []:
+            code = model.operatorCodes[op.opcodeIndex]
+            if fb.get_builtin_code_from_operator_code(code) != schema_fb.BuiltinOperator.CUSTOM:
+                continue
+            where = []
+            for t in list(op.outputs) + list(op.inputs):
+                if 0 <= t < len(sg.tensors):
+                    tname = sg.tensors[t].name
+                    where.append(tname.decode() if isinstance(tname, bytes) else str(tname))
+            found.append((_op_name(model, op.opcodeIndex), where))
+    return found
+
+
+def flex_ops(content: bytes) -> List[str]:
+    """The TensorFlow (Flex) ops of a flatbuffer, sorted, each once."""
+    return sorted({name for name, _ in _custom_ops(read_model(content)) if name.startswith("Flex")})
+
+
+def check_builtin_only(content: bytes, layer_names: Iterable[str] = (), allow_flex: bool = False) -> List[str]:
     """Raise :class:`FlexOpError` if the flatbuffer holds Flex (TensorFlow) or custom ops.
 
     Args:
         content: The ``.tflite`` bytes.
         layer_names: Names of the Keras layers, to say where an op came from
             (matched against the op's output tensor names).
+        allow_flex: Allow TensorFlow (Flex) ops, with a warning that the app
+            then needs the Flex delegate (``select_tf_ops=True``). Custom ops
+            that are not Flex ops are refused all the same.
+
+    Returns:
+        The Flex ops found (empty unless ``allow_flex``).
+
+    Raises:
+        FlexOpError: If the file holds custom ops, or Flex ops without ``allow_flex``.
     """
-    model = read_model(content)
-    bad, where = [], []
-    for sg in model.subgraphs or []:
-        for op in sg.operators or []:
-            name = _op_name(model, op.opcodeIndex)
-            code = model.operatorCodes[op.opcodeIndex]
-            schema_fb, fb = _schema()
-            if fb.get_builtin_code_from_operator_code(code) != schema_fb.BuiltinOperator.CUSTOM:
-                continue
-            bad.append(name)
-            for t in list(op.outputs) + list(op.inputs):
-                if 0 <= t < len(sg.tensors):
-                    tname = sg.tensors[t].name
-                    where.append(tname.decode() if isinstance(tname, bytes) else str(tname))
-    if bad:
-        flex = [b for b in bad if b.startswith("Flex")]
-        layers = _layers_in(" ".join("/" + w for w in where), layer_names)
-        raise FlexOpError(_message(bad, layers, "a file with TensorFlow (Flex) op(s)" if flex else "custom op(s)"))
+    found = _custom_ops(read_model(content))
+    layer_names = list(layer_names)
+    flex = [(n, w) for n, w in found if n.startswith("Flex")]
+    refused = [(n, w) for n, w in found if not (allow_flex and n.startswith("Flex"))]
+    if refused:
+        bad = [n for n, _ in refused]
+        layers = _layers_in(" ".join("/" + t for _, w in refused for t in w), layer_names)
+        any_flex = any(b.startswith("Flex") for b in bad)
+        raise FlexOpError(_message(bad, layers, "a file with TensorFlow (Flex) op(s)" if any_flex else "custom op(s)",
+                                   flex=any_flex))
+    if flex:
+        ops = sorted({n for n, _ in flex})
+        layers = _layers_in(" ".join("/" + t for _, w in flex for t in w), layer_names)
+        warnings.warn(
+            f"The LiteRT file holds TensorFlow (Flex) op(s) {', '.join(ops)}{_where(layers)} "
+            "(select_tf_ops=True): standalone LiteRT cannot run it; the app needs the Flex delegate "
+            "('org.tensorflow:tensorflow-lite-select-tf-ops' on Android).",
+            UserWarning, stacklevel=3,
+        )
+    return sorted({n for n, _ in flex})
+
+
+def _converter_locations(message: str) -> str:
+    return " ".join(re.findall(r'"([^"]*@__inference[^"]*)"', message)) or message
 
 
 def flex_error_from_converter(message: str, layer_names: Iterable[str] = ()) -> Optional[FlexOpError]:
     """Our error for a converter message that refuses TensorFlow ops, else ``None``."""
     ops = re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", message)
+    ops += re.findall(r"failed to legalize operation 'tf\.(\w+)'", message)
+    ops += re.findall(r"'tf\.(\w+)' op requires [^\n]* during TF Lite transformation", message)
     for line in re.findall(r"(?:Flex ops|TF Select ops|Custom ops):\s*([^\n]+)", message):
         ops.extend(o.strip() for o in line.split(",") if o.strip())
     if not ops:
         return None
-    locations = " ".join(re.findall(r'"([^"]*@__inference[^"]*)"', message)) or message
-    return FlexOpError(_message(ops, _layers_in(locations, layer_names), "TensorFlow op(s)"))
+    return FlexOpError(_message(ops, _layers_in(_converter_locations(message), layer_names), "TensorFlow op(s)"))
+
+
+def converter_error(message: str, layer_names: Iterable[str] = ()) -> ConversionError:
+    """Our error for any other converter failure: the converter's first error lines, and the layer where it tells."""
+    lines = [ln.strip() for ln in message.splitlines() if "error:" in ln]
+    text = " | ".join(dict.fromkeys(ln.split("error:", 1)[1].strip() for ln in lines)) or message.strip()
+    if len(text) > 1500:
+        text = text[:1497] + "..."
+    layers = _layers_in(_converter_locations(message), layer_names)
+    return ConversionError(
+        f"Expected the TFLite converter to convert the model. Received: {text}{_where(layers) if layers else ''}"
+    )
+
+
+def layer_at_node(content: bytes, node: int, layer_names: Iterable[str] = (), op: Optional[str] = None) -> List[str]:
+    """The Keras layer(s) the interpreter's node number ``node`` (of op ``op``, if known) came from.
+
+    The interpreter numbers nodes per subgraph; the first subgraph whose op
+    ``node`` is ``op`` is taken (the main graph when ``op`` is ``None``).
+    """
+    try:
+        model = read_model(content)
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return []
+    layer_names = list(layer_names)
+    for sg in model.subgraphs or []:
+        ops = sg.operators or []
+        if not 0 <= node < len(ops):
+            continue
+        found = ops[node]
+        if op is not None and _op_name(model, found.opcodeIndex) != op:
+            continue
+        names = []
+        for t in list(found.outputs) + list(found.inputs):
+            if 0 <= t < len(sg.tensors):
+                tname = sg.tensors[t].name
+                names.append(tname.decode() if isinstance(tname, bytes) else str(tname))
+        # The op's outputs first: its inputs may come from the layer before.
+        for group in (names[: len(found.outputs)], names):
+            layers = _layers_in(" ".join("/" + n for n in group), layer_names)
+            if layers:
+                return layers
+        return []
+    return []
 
 
 def add_float_io(content: bytes) -> bytes:
@@ -184,4 +286,5 @@ def add_float_io(content: bytes) -> bytes:
     return write_model(model)
 
 
-__all__ = ["FlexOpError", "check_builtin_only", "flex_error_from_converter", "add_float_io", "op_names"]
+__all__ = ["FlexOpError", "check_builtin_only", "flex_error_from_converter", "converter_error", "add_float_io",
+           "op_names", "flex_ops", "layer_at_node"]
