@@ -7,8 +7,11 @@ unpruned teacher, BatchNormalization recalibration, and the digits
 acceptance (60% of channels pruned, within 1 point at half the parameters).
 Kept fast: one trained digits CNN per session, few epochs.
 """
+import json
 import os
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -351,3 +354,133 @@ def test_recover_imports_no_tensorflow(digits, monkeypatch):
     recover(model, x[:128], y[:128], teacher=teacher, recalibrate_bn=True, epochs=1, batch_size=64,
             validation_data=(x[:64], y[:64]), verbose=0)
     assert recalibrate_batchnorm(model, x[:64]) == 3
+
+
+# --------------------------------------------------------------------------
+# distribution: tf.distribute.MirroredStrategy (TensorFlow), keras.distribution.DataParallel (JAX)
+# --------------------------------------------------------------------------
+
+
+def _regularised_mlp(seed=2, name="student"):
+    init = keras.initializers.GlorotUniform(seed=seed)
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(16, activation="tanh", kernel_initializer=init,
+                           kernel_regularizer=keras.regularizers.L2(1e-2))(inp)
+    out = keras.layers.Dense(4, activation="softmax", kernel_initializer=init)(h)
+    return keras.Model(inp, out, name=name)
+
+
+def _distil_tiny(strategy=None):
+    x, y = tiny_data(n=128)
+    with strategy.scope() if strategy is not None else _no_scope():
+        teacher = tiny_mlp("softmax", seed=1, name="teacher")
+        model = _regularised_mlp()
+        model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+    history = recover(model, x, y, teacher=teacher, epochs=2, batch_size=32, shuffle=False, verbose=0)
+    return model, history.history
+
+
+class _no_scope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute needs TensorFlow")
+def test_distillation_under_mirrored_strategy_equals_one_device(mirrored_strategy):
+    """Two replicas, each on half of every batch, take the single-device steps: losses scaled per replica."""
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    initial = trainable_arrays(_regularised_mlp())
+    single, h_single = _distil_tiny()
+    mirrored, h_mirrored = _distil_tiny(mirrored_strategy)
+    assert mirrored.distribute_strategy is mirrored_strategy
+    assert set(h_mirrored) == set(h_single) == {"loss", "distillation_loss"}
+    for key in h_single:
+        np.testing.assert_allclose(h_mirrored[key], h_single[key], rtol=1e-4)
+    for a, b, start in zip(trainable_arrays(mirrored), trainable_arrays(single), initial):
+        assert np.abs(b - start).max() > 1e-2  # it trained
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute needs TensorFlow")
+def test_bn_recalibration_under_mirrored_strategy_equals_one_device(digits, mirrored_strategy):
+    (x, _), _ = digits
+    single = kr.digits_cnn(width=4, flavour=FLAVOUR)
+    with mirrored_strategy.scope():
+        mirrored = kr.digits_cnn(width=4, flavour=FLAVOUR)
+    for model in (single, mirrored):
+        assert recalibrate_batchnorm(model, x[:300], steps=None, batch_size=64) == 3
+    for name in ("bn1", "bn2", "bn3"):
+        a, b = mirrored.get_layer(name), single.get_layer(name)
+        assert not np.allclose(to_np(b.moving_variance), 1.0)  # recalibrated, not the initial value
+        np.testing.assert_allclose(to_np(a.moving_mean), to_np(b.moving_mean), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(to_np(a.moving_variance), to_np(b.moving_variance), rtol=1e-5, atol=1e-6)
+
+
+DATA_PARALLEL = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["KERAS_BACKEND"] = "jax"
+    import jax
+    import keras
+    import numpy as np
+    import keras_rebuild as kr
+    from keras_rebuild.recover import recover
+
+    def cnn(width, seed, name):
+        init = lambda i: keras.initializers.GlorotUniform(seed=seed + i)
+        inp = keras.Input((8, 8, 1))
+        h = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=init(0))(inp)
+        h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.ReLU()(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        out = keras.layers.Dense(10, activation="softmax", kernel_initializer=init(1))(h)
+        return keras.Model(inp, out, name=name)
+
+    def run():  # seeded initialisers, no dropout, no shuffling: nothing random
+        teacher = cnn(8, 10, "teacher")
+        student = cnn(4, 0, "student")
+        student.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        history = recover(student, x, y, teacher=teacher, recalibrate_bn=True, epochs=2, batch_size=64,
+                          shuffle=False, verbose=0)
+        return student, history
+
+    (x, y), _ = kr.load_digits()
+    x, y = x[:256], y[:256]
+    initial = [np.asarray(w) for w in cnn(4, 0, "initial").get_weights()]
+    plain, h_plain = run()
+    with keras.distribution.DataParallel(devices=jax.devices()).scope():
+        spread, h_spread = run()
+        devices = min(len(v.value.sharding.device_set) for v in spread.variables)
+    print("RESULT", json.dumps({
+        "devices": len(jax.devices()), "variable_devices": devices,
+        "history_model_is_student": h_spread.model is spread,
+        "plain": h_plain.history, "spread": h_spread.history,
+        "weight_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                           for a, b in zip(plain.get_weights(), spread.get_weights())),
+        "trained": min(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(spread.get_weights(), initial)),
+        "tensorflow": "tensorflow" in sys.modules,
+    }))
+""")
+
+
+@pytest.mark.keras3_only
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on two host devices: a JAX process")
+def test_recover_under_data_parallel_on_two_jax_devices_equals_one_device():
+    """Distillation + BN recalibration under DataParallel (2 host devices) give the single-device model."""
+    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-c", DATA_PARALLEL], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, out.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["devices"] == 2 and result["variable_devices"] == 2
+    assert result["history_model_is_student"]
+    assert set(result["spread"]) == {"loss", "accuracy", "distillation_loss"}
+    for key, values in result["plain"].items():
+        np.testing.assert_allclose(result["spread"][key], values, rtol=1e-4, atol=1e-6)
+    assert result["trained"] > 1e-3  # every weight moved: trained, and moving statistics recalibrated
+    assert result["weight_diff"] < 1e-4
+    assert result["tensorflow"] is False
