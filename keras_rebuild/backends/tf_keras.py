@@ -210,8 +210,17 @@ def build(model, new_configs, input_shapes, new_weights=None):
     Nested models' inputs take the shapes of ``input_shapes``; weights are set afterwards.
     Returns ``(model, notes)``; ``notes`` say what did not carry over.
     """
+    from tf_keras.src.engine import functional
+
+    sequential = isinstance(model, keras.Sequential)
     try:
-        config = copy.deepcopy(model.get_config())
+        if sequential:
+            config = copy.deepcopy(model.get_config())
+        else:
+            # The graph's own config: a Functional subclass may override get_config (or, with a
+            # constructor of its own, leave the layers out of it).
+            config = copy.deepcopy(functional.get_network_config(
+                model, config={"name": model.name, "trainable": model.trainable}))
     except NotImplementedError:
         from keras_rebuild.graph import all_layers
 
@@ -231,15 +240,50 @@ def build(model, new_configs, input_shapes, new_weights=None):
     # their code, so Keras' safe mode (meant for loading untrusted files) must not refuse it.
     with keras.utils.custom_object_scope(custom), _unsafe_deserialization():
         notes = []
-        if isinstance(model, keras.Sequential):
+        if sequential:
             new = keras.Sequential.from_config(config)
         else:
-            if type(model) not in (keras.Model, keras.Sequential) and type(model).__name__ != "Functional":
-                notes.append(f"'{model.name}' is a {type(model).__name__}: it comes back as a plain Functional "
-                             "model with the same layers")
-            new = keras.Model.from_config(config)
+            new = _functional_subclass(type(model), config, notes)
+            if new is None:
+                new = keras.Model.from_config(config)
     set_weights(new, new_weights or {})
     return new, notes
+
+
+def _functional_subclass(cls, config, notes):
+    """A model of ``cls``, a Functional subclass, from a Functional ``config``; else ``None`` with a note.
+
+    Like Keras 3, a subclass is rebuilt as itself when its constructor takes
+    what ``Functional``'s does (``inputs, outputs, name``), either by name or
+    as ``*args, **kwargs`` (keras-io's EDSR: ``class EDSRModel(keras.Model)``
+    with its own ``train_step``, made as ``EDSRModel(inputs, outputs)``).
+    The subclass' own ``from_config`` is not used: it may expect a config of
+    its own. A constructor taking other arguments cannot be called, and one
+    that fails is not retried: the model comes back as a plain Functional.
+    """
+    from tf_keras.src.engine import functional
+    from tf_keras.src.utils import tf_inspect
+
+    if cls in (keras.Model, functional.Functional):
+        return None
+    spec = tf_inspect.getfullargspec(cls.__init__)
+    functional_args = tf_inspect.getfullargspec(functional.Functional.__init__).args[1:]
+    if spec.args[1:] != functional_args and (spec.varargs is None or spec.varkw is None):
+        notes.append(f"'{config.get('name')}' is a {cls.__name__}, a Functional subclass whose constructor takes "
+                     "other arguments than (inputs, outputs): it comes back as a plain Functional model with the "
+                     "same layers")
+        return None
+    inputs, outputs, layers = functional.reconstruct_from_config(config)
+    try:
+        new = cls(inputs, outputs, name=config.get("name"))
+    except Exception as exc:  # noqa: BLE001 - a constructor that cannot take (inputs, outputs): plain Functional
+        message = " ".join(str(exc).split())[:200]
+        notes.append(f"'{config.get('name')}' is a {cls.__name__}, whose constructor failed on (inputs, outputs) "
+                     f"({type(exc).__name__}: {message}): it comes back as a plain Functional model with the "
+                     "same layers")
+        return None
+    functional.connect_ancillary_layers(new, layers)
+    return new
 
 
 def _unsafe_deserialization():
