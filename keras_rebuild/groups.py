@@ -103,6 +103,7 @@ class Analysis:
         self.block_log: List[Tuple[int, str, str]] = []
         self.read_log: List[Tuple[object, int, int]] = []  # (kernel op, input position, tensor)
         self.write_log: List[Tuple[object, int]] = []  # (kernel op, output tensor)
+        self.zero_required: List[int] = []  # tensors whose channels go only when zero
         self._connect()
         self._components()
         self._forward_zero()
@@ -141,7 +142,7 @@ class Analysis:
         self.blocked[self.elements(t)] = True
         self.block_log.append((t, reason, path))
         op = self._current_op
-        if op is not None and t in op.inputs:
+        if op is not None and t in op.inputs and not getattr(op.handler, "claims_outputs", False):
             op.blocked_inputs = getattr(op, "blocked_inputs", set()) | {t}
             # A layer that blocks all its inputs is opaque: claim nothing about its outputs.
             op.opaque = op.blocked_inputs >= set(op.inputs)
@@ -158,6 +159,10 @@ class Analysis:
     def writes(self, op, t: int):
         """Record that a kernel layer writes tensor ``t`` (defines channel groups)."""
         self.write_log.append((op, t))
+
+    def requires_zero(self, t: int):
+        """Channels of ``t`` may go only where provably zero (a recurrent layer reads its own output)."""
+        self.zero_required.append(t)
 
     # ------------------------------------------------------------------ passes
     def _connect(self):
@@ -297,6 +302,8 @@ class Analysis:
             if ignored is not None:
                 ok = ok | ignored
             bad[self.elements(t)] |= ~ok
+        for t in self.zero_required:
+            bad[self.elements(t)] |= ~self.zero[self.elements(t)]
         comp_bad = np.bincount(self.labels, weights=bad, minlength=self.num_components) > 0
         return self.keep_nonempty(~comp_bad)
 

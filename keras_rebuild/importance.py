@@ -51,6 +51,7 @@ import numpy as np
 
 from keras_rebuild.errors import InvalidArgumentError, InvalidArgumentTypeError, received
 from keras_rebuild.groups import Analysis
+from keras_rebuild.handlers import resolve_role
 
 log = logging.getLogger("keras_rebuild")
 
@@ -210,15 +211,13 @@ def magnitude_components(analysis: Analysis, weights, p: int = 1, include_reader
             if not maskable or (roles_filter is not None and not roles_filter(path, layer, i)):
                 continue
             for axis, role in roles.items():
-                if role != "out" and handler.kind == "mixing" and not include_readers:
+                source, index = resolve_role(role, m, np.shape(w)[axis])
+                if source != "out" and handler.kind == "mixing" and not include_readers:
                     continue
                 per = _slice_reduce(w, axis, p)
-                if role == "out":
-                    elems = e_out
-                elif role == "in":
-                    elems = e_in
-                else:  # "in*m": index j belongs to input channel j // m
-                    elems = e_in[np.arange(len(per)) // m] if len(per) == len(e_in) * m else None
+                elems = e_out if source == "out" else e_in
+                if index is not None:  # position j belongs to channel index[j] (gates, depth multiplier)
+                    elems = elems[index] if index.max(initial=-1) < len(elems) else None
                 if elems is None or len(elems) != len(per):
                     continue
                 _scatter(analysis, per, elems, out)

@@ -53,7 +53,7 @@ from keras_rebuild.errors import (
     received,
 )
 from keras_rebuild.graph import all_layers, check_model, is_graph_model
-from keras_rebuild.handlers import get_handler, mask_array, register_handler
+from keras_rebuild.handlers import Role, get_handler, mask_array, register_handler, resolve_role
 
 log = logging.getLogger("keras_rebuild")
 
@@ -224,6 +224,11 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
                     c_in = size
                 if role == "in*m" and c_in is None:
                     c_in = size // max(m, 1)
+                if isinstance(role, Role) and len(role.index):
+                    if role.source == "out" and c_out is None:
+                        c_out = int(role.index.max()) + 1
+                    if role.source == "in" and c_in is None:
+                        c_in = int(role.index.max()) + 1
         agg = "only_first_replica"
         self.in_channel_mask = self.add_weight(
             name="in_channel_mask", shape=(int(c_in or 1),), initializer="ones", trainable=False,
@@ -246,12 +251,10 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
     def _masked(self, var, roles):
         out = var.value
         for axis, role in roles.items():
-            if role == "out":
-                mask = self.out_channel_mask
-            elif role == "in":
-                mask = self.in_channel_mask
-            else:
-                mask = keras.ops.repeat(self.in_channel_mask, self._multiplier)
+            source, index = resolve_role(role, self._multiplier, var.shape[axis])
+            mask = self.out_channel_mask if source == "out" else self.in_channel_mask
+            if index is not None:
+                mask = keras.ops.take(mask, index)
             shape = [1] * len(var.shape)
             shape[axis] = -1
             out = out * keras.ops.reshape(keras.ops.cast(mask, out.dtype), shape)

@@ -59,7 +59,7 @@ from keras_rebuild.errors import (
     received,
 )
 from keras_rebuild.graph import all_layers, check_model, is_graph_model
-from keras_rebuild.handlers import LayerHandler, get_handler, mask_array, register_handler
+from keras_rebuild.handlers import LayerHandler, Role, get_handler, mask_array, register_handler, resolve_role
 from keras_rebuild.pruning import Runtime as _Runtime
 from keras_rebuild.pruning import WrapperHandler as _WrapperHandler
 from keras_rebuild.pruning import clone_nested as _nested_clone
@@ -200,6 +200,11 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
                     c_in = size
                 if role == "in*m" and c_in is None:
                     c_in = size // max(m, 1)
+                if isinstance(role, Role) and len(role.index):
+                    if role.source == "out" and c_out is None:
+                        c_out = int(role.index.max()) + 1
+                    if role.source == "in" and c_in is None:
+                        c_in = int(role.index.max()) + 1
         agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
         self.in_channel_mask = self.add_weight(
             "in_channel_mask", shape=(int(c_in or 1),), initializer="ones", trainable=False, aggregation=agg)
@@ -220,11 +225,11 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         """Find, per maskable weight, the attributes of the layer that hold it."""
         masking = []
         maskable = handler.maskable(self.layer) if handler else [False for _ in self.layer.weights]
-        attrs = list(vars(self.layer).items())
+        attrs = _variable_attributes(self.layer)
         for var, r, mk in zip(self.layer.weights, roles, maskable):
             if not mk or not r:
                 continue
-            names = [k for k, v in attrs if v is var]
+            names = [(owner, k) for owner, k, v in attrs if v is var]
             if not names:
                 raise InvalidArgumentError(
                     f"Expected the weight '{var.name}' of layer '{self.layer.name}' to be an attribute of the "
@@ -243,12 +248,10 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         t = tf.convert_to_tensor(var) if not isinstance(var, tf.Tensor) else var
         out = t
         for axis, role in roles.items():
-            if role == "out":
-                mask = self.out_channel_mask
-            elif role == "in":
-                mask = self.in_channel_mask
-            else:
-                mask = tf.repeat(self.in_channel_mask, self._multiplier)
+            source, index = resolve_role(role, self._multiplier, t.shape[axis])
+            mask = self.out_channel_mask if source == "out" else self.in_channel_mask
+            if index is not None:
+                mask = tf.gather(mask, index)
             shape = [1] * t.shape.rank
             shape[axis] = -1
             out = out * tf.reshape(tf.cast(mask, t.dtype), shape)
@@ -275,16 +278,28 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         masked = [(names, self._masked(var, roles)) for var, names, roles in self._masking]
         try:
             for names, value in masked:
-                for name in names:
-                    object.__setattr__(inner, name, value)
+                for owner, name in names:
+                    object.__setattr__(owner, name, value)
             call_fn = tf.__internal__.autograph.tf_convert(
                 inner.call, tf.__internal__.autograph.control_status_ctx())
-            return call_fn(inputs, **kw)
+            outputs = call_fn(inputs, **kw)
+            self._activity_loss(inner, outputs)
+            return outputs
         finally:
             # Restore the variables themselves (not "what was there"): safe with replica threads.
             for var, names, _ in self._masking:
-                for name in names:
-                    object.__setattr__(inner, name, var)
+                for owner, name in names:
+                    object.__setattr__(owner, name, var)
+
+    def _activity_loss(self, inner, outputs):
+        """The inner layer's activity-regularizer loss, as its own ``__call__`` would add it."""
+        regularizer = inner.activity_regularizer
+        if regularizer is None:
+            return
+        for output in tf.nest.flatten(outputs):
+            loss = tf.convert_to_tensor(regularizer(output))
+            batch = tf.cast(tf.shape(output)[0], loss.dtype)
+            self.add_loss(tf.math.divide_no_nan(loss, batch))
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -339,6 +354,16 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
             new = mask_array(value, roles, keep_in, keep_out, self._multiplier)
             if not np.array_equal(new, value):
                 var.assign(new)
+
+
+def _variable_attributes(layer, depth: int = 3):
+    """``(owner, attribute, value)`` for the attributes of ``layer`` and its sub-layers (an RNN's cell)."""
+    out = []
+    for name, value in list(vars(layer).items()):
+        out.append((layer, name, value))
+        if depth > 1 and isinstance(value, keras.layers.Layer) and value is not layer:
+            out.extend(_variable_attributes(value, depth - 1))
+    return out
 
 
 def _first_shape(shape) -> tf.TensorShape:

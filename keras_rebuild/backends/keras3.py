@@ -58,6 +58,10 @@ def _extra_classes():
         from keras.src.applications import convnext
 
         extra["LayerScale"] = [convnext.LayerScale]
+    with contextlib.suppress(ImportError, AttributeError):
+        from keras.src.applications import inception_resnet_v2
+
+        extra["CustomScaleLayer"] = [inception_resnet_v2.CustomScaleLayer]
     return extra
 
 

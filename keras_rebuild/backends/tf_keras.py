@@ -29,7 +29,7 @@ TF_FUNCTIONS = {
     "math.negative": "negative", "math.square": "square", "math.sqrt": "sqrt", "math.exp": "exp",
     "identity": "identity", "nn.leaky_relu": "leaky_relu", "cast": "cast", "clip_by_value": "clip",
     "math.reduce_mean": "mean", "math.reduce_max": "max", "math.reduce_sum": "sum", "math.reduce_min": "min",
-    "concat": "concatenate",
+    "concat": "concatenate", "nn.depth_to_space": "depth_to_space", "nn.space_to_depth": "space_to_depth",
 }
 
 
@@ -45,6 +45,10 @@ def _extra_classes():
 
         extra["LayerScale"] = [convnext.LayerScale]
         extra["StochasticDepth"] = [convnext.StochasticDepth]
+    with contextlib.suppress(ImportError, AttributeError):
+        from tf_keras.src.applications import inception_resnet_v2
+
+        extra["CustomScaleLayer"] = [inception_resnet_v2.CustomScaleLayer]
     return extra
 
 

@@ -111,7 +111,9 @@ class LayerHandler:
 
         Roles: ``"in"`` (input channel), ``"out"`` (output channel),
         ``"in*m"`` (input channel expanded by the depth multiplier, as in the
-        pointwise kernel of a separable conv). Axes not listed are untouched.
+        pointwise kernel of a separable conv), or a :class:`Role` mapping each
+        position to a channel (gate blocks of recurrent kernels). Axes not
+        listed are untouched.
         """
         return [{} for _ in getattr(layer, "weights", ())]
 
@@ -138,34 +140,78 @@ class LayerHandler:
         return 0
 
 
-def _index_for(role, kept_in, kept_out, multiplier):
-    if role == "in":
-        return kept_in
-    if role == "out":
-        return kept_out
+class Role:
+    """A weight axis indexed through a map: position ``j`` belongs to channel ``index[j]`` of ``source``.
+
+    The strings ``"in"``, ``"out"`` and ``"in*m"`` cover most layers; a ``Role``
+    covers the rest, e.g. an LSTM kernel whose four gate blocks repeat the
+    output channels: ``Role("out", np.tile(np.arange(units), 4))``.
+
+    Args:
+        source: ``"in"`` (the layer's first input's channels) or ``"out"`` (its
+            first output's channels).
+        index: Integer array, one entry per position along the axis.
+    """
+
+    __slots__ = ("source", "index")
+
+    def __init__(self, source: str, index):
+        if source not in ("in", "out"):
+            raise ValueError(f"Expected `source` to be 'in' or 'out'. Received: source={source!r}")
+        self.source = source
+        self.index = np.asarray(index, np.int64)
+
+    def __repr__(self):
+        return f"Role({self.source!r}, index of {len(self.index)})"
+
+
+def resolve_role(role, multiplier: int = 1, size: Optional[int] = None):
+    """``(source, index)`` of a role; ``index`` is ``None`` for the identity map.
+
+    ``size`` (the axis length) is needed for ``"in*m"`` only.
+    """
+    if isinstance(role, Role):
+        return role.source, role.index
+    if role in ("in", "out"):
+        return role, None
     if role == "in*m":
-        return (kept_in[:, None] * multiplier + np.arange(multiplier)[None, :]).ravel()
-    raise ValueError(role)
+        if size is None:
+            raise ValueError("the size of an 'in*m' axis is needed")
+        return "in", np.arange(size) // max(int(multiplier), 1)
+    raise ValueError(f"Expected a weight role 'in', 'out', 'in*m' or a Role. Received: {role!r}")
+
+
+def role_positions(role, kept_in, kept_out, multiplier: int, size: int):
+    """Positions along an axis that stay when ``kept_in``/``kept_out`` channels stay (``None``: all)."""
+    source, index = resolve_role(role, multiplier, size)
+    kept = kept_in if source == "in" else kept_out
+    if kept is None or index is None:
+        return kept
+    return np.flatnonzero(np.isin(index, kept))
 
 
 def _take(w, roles, kept_in, kept_out, multiplier):
     for axis, role in roles.items():
-        idx = _index_for(role, kept_in, kept_out, multiplier)
+        idx = role_positions(role, kept_in, kept_out, multiplier, w.shape[axis])
         if idx is not None and len(idx) != w.shape[axis]:
             w = np.take(w, idx, axis=axis)
     return w
+
+
+def role_keep(role, keep_in, keep_out, multiplier: int, size: int):
+    """The boolean keep mask along an axis for channel keep masks (``None``: keep all)."""
+    source, index = resolve_role(role, multiplier, size)
+    keep = keep_in if source == "in" else keep_out
+    if keep is None or index is None:
+        return keep
+    return np.asarray(keep)[index]
 
 
 def mask_array(w, roles, keep_in, keep_out, multiplier):
     """Zero the entries of ``w`` that belong to pruned channels (boolean keep masks)."""
     out = w
     for axis, role in roles.items():
-        if role == "in":
-            keep = keep_in
-        elif role == "out":
-            keep = keep_out
-        else:
-            keep = None if keep_in is None else np.repeat(keep_in, multiplier)
+        keep = role_keep(role, keep_in, keep_out, multiplier, w.shape[axis])
         if keep is None or keep.all():
             continue
         shape = [1] * w.ndim

@@ -240,6 +240,65 @@ class LayerNormHandler(LayerHandler):
         ctx.block_all(op, f"{type(op.layer).__name__} '{op.layer.name}' normalises over the channel axis")
 
 
+@builtin_handler("GroupNormalization")
+class GroupNormHandler(TiedHandler):
+    """GroupNormalization over the channel axis: whole groups go.
+
+    The channels of a group are tied. A group whose inputs are all zero
+    normalises to ``(0 - 0) / sqrt(0 + eps) == 0`` and outputs beta; one with
+    gamma and beta zero outputs zero whatever its input. Removing a whole
+    group leaves the statistics of the others unchanged, and ``groups`` drops
+    with it (``groups=-1``, instance norm, makes every channel a group).
+    """
+
+    def _group_size(self, layer, channels):
+        groups = int(getattr(layer, "groups", 1))
+        return 1 if groups in (-1, 0) else max(channels // groups, 1)
+
+    def connect(self, ctx, op):
+        rank = len(ctx.shape(op.inputs[0]))
+        axis = op.layer.axis if isinstance(op.layer.axis, int) else None
+        if axis is None or axis % rank != rank - 1:
+            ctx.block_all(op, f"GroupNormalization '{op.layer.name}' normalises axis {op.layer.axis}, "
+                             "not the channel axis")
+            return
+        c = ctx.channels(op.inputs[0])
+        size = self._group_size(op.layer, c)
+        if size > 1:
+            ctx.tie(op.inputs[0], op.inputs[0], (np.arange(c) // size) * size)  # a group's channels together
+        super().connect(ctx, op)
+
+    def _params(self, layer, weights, channels):
+        i = 0
+        gamma = np.ones(channels, np.float32)
+        beta = np.zeros(channels, np.float32)
+        if layer.scale:
+            gamma = weights[i]
+            i += 1
+        if layer.center:
+            beta = weights[i]
+        return gamma, beta
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        c = out_channels[0]
+        if len(in_zero) != 1 or len(in_zero[0]) != c:
+            return [np.zeros(c, bool)]
+        gamma, beta = self._params(layer, weights, c)
+        size = self._group_size(layer, c)
+        group_zero = np.repeat(in_zero[0].reshape(-1, size).all(axis=1), size)
+        return [(beta == 0) & (group_zero | (gamma == 0))]
+
+    def weight_roles(self, layer):
+        return [{0: "in"} for _ in layer.weights]
+
+    def update_config(self, layer, config, n_in, n_out):
+        config = dict(config)
+        if config.get("groups", -1) != -1:
+            size = self._group_size(layer, int(layer.weights[0].shape[0]) if layer.weights else n_in)
+            config["groups"] = int(n_in // size)
+        return config
+
+
 @builtin_handler("PReLU")
 class PReLUHandler(TiedHandler):
     def weight_roles(self, layer):
@@ -381,6 +440,8 @@ class ReshapeHandler(LayerHandler):
             return "same"
         if len(out_shape) == 2 and out_shape[-1] == int(np.prod(in_shape[1:])):
             return "flatten"
+        if len(in_shape) == 2 and len(out_shape) > 2 and in_shape[-1] == int(np.prod(out_shape[1:])):
+            return "unflatten"
         return None
 
     def connect(self, ctx, op):
@@ -390,12 +451,17 @@ class ReshapeHandler(LayerHandler):
             ctx.tie(op.inputs[0], op.outputs[0])
         elif mode == "flatten":
             ctx.tie(op.inputs[0], op.outputs[0], _flatten_map(in_shape, out_shape[-1]))
+        elif mode == "unflatten":  # Dense(7*7*64) -> (7, 7, 64): channel c is units {s*64 + c}
+            ctx.tie(op.outputs[0], op.inputs[0], _flatten_map(out_shape, in_shape[-1]))
         else:
             ctx.block_all(op, f"Reshape '{op.layer.name}' moves channels between axes "
                              f"({in_shape[1:]} -> {out_shape[1:]})")
 
     def forward_zero(self, layer, weights, op, in_zero, out_channels):
-        return [in_zero[0][np.arange(out_channels[0]) % len(in_zero[0])]]
+        c_in, c_out = len(in_zero[0]), out_channels[0]
+        if c_in > c_out and c_in % c_out == 0:  # unflatten: every spatial copy must be zero
+            return [in_zero[0].reshape(-1, c_out).all(axis=0)]
+        return [in_zero[0][np.arange(c_out) % c_in]]
 
     def update_config(self, layer, config, n_in, n_out):
         config = dict(config)
@@ -492,6 +558,16 @@ class OpHandler(LayerHandler):
         if fn == "get_item" and same and op.constants and _key_keeps_channels(op.constants[0], rank):
             ctx.tie(op.inputs[0], op.outputs[0])
             return
+        if fn in ("depth_to_space", "space_to_depth") and len(op.inputs) == 1 and rank == 4:
+            if str(op.options.get("data_format", "NHWC")) != "NHWC":
+                ctx.block_all(op, f"'{op.layer.name}' ({fn}) is not channels-last")
+                return
+            c_in, c_out = ctx.channels(op.inputs[0]), ctx.channels(op.outputs[0])
+            if fn == "depth_to_space":  # input channel k*C_out + c moves to output channel c
+                ctx.tie(op.outputs[0], op.inputs[0], np.arange(c_in) % c_out)
+            else:  # output channel k*C_in + c comes from input channel c
+                ctx.tie(op.inputs[0], op.outputs[0], np.arange(c_out) % c_in)
+            return
         if fn == "concatenate" and len(op.outputs) == 1:
             out_rank = len(ctx.shape(op.outputs[0]))
             if int(_op_axis(op, 0)) % out_rank == out_rank - 1:
@@ -514,6 +590,10 @@ class OpHandler(LayerHandler):
             return [np.logical_and.reduce(in_zero)]
         if fn in _REDUCE or fn == "get_item":
             return [in_zero[0]]
+        if fn == "depth_to_space":
+            return [in_zero[0].reshape(-1, c).all(axis=0)]
+        if fn == "space_to_depth":
+            return [np.tile(in_zero[0], c // len(in_zero[0]))]
         cache = op.__dict__.setdefault("_probe", {})
         if "zero" not in cache:
             cache["zero"] = probe_zero(op)
@@ -536,6 +616,118 @@ class LayerScaleHandler(TiedHandler):
 
     def update_config(self, layer, config, n_in, n_out):
         return dict(config, projection_dim=int(n_out))
+
+
+@builtin_handler("CustomScaleLayer")
+class CustomScaleHandler(MergeHandler):
+    """InceptionResNetV2's residual ``inputs[0] + inputs[1] * scale``: a sum of two tied tensors."""
+
+
+# --------------------------------------------------------------------------- Embedding
+@builtin_handler("Embedding")
+class EmbeddingHandler(LayerHandler):
+    """Embedding: its output dimensions are channels it writes; its integer input has none."""
+
+    kind = "mixing"
+    claims_outputs = True  # the ids are kept, yet what is known of the vectors holds
+
+    def connect(self, ctx, op):
+        for t in op.inputs:
+            ctx.block(t, f"integer ids read by Embedding '{op.layer.name}'", op.path)
+        ctx.writes(op, op.outputs[0])
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        return [(weights[0] == 0).all(axis=0)]
+
+    def weight_roles(self, layer):
+        return [{1: "out"}]
+
+    def maskable(self, layer):
+        return [True]
+
+    def update_config(self, layer, config, n_in, n_out):
+        return dict(config, output_dim=int(n_out))
+
+    def macs(self, layer, op, graph, n_in, n_out):
+        return 0
+
+
+# --------------------------------------------------------------------------- TimeDistributed
+class _InnerOp:
+    """An op seen as a call of the layer a wrapper holds (same tensors, path and weights)."""
+
+    def __init__(self, op, layer, handler):
+        self._op, self.layer, self.handler = op, layer, handler
+
+    def __getattr__(self, name):
+        return getattr(self._op, name)
+
+
+@builtin_handler("TimeDistributed")
+class TimeDistributedHandler(LayerHandler):
+    """``TimeDistributed`` around a layer with a handler: the inner layer's rules, one more axis."""
+
+    kind = "mixing"  # as its usual contents, Dense and Conv
+
+    def _inner(self, layer):
+        from keras_rebuild.handlers.base import get_handler
+
+        inner = getattr(layer, "layer", None)
+        handler = get_handler(inner) if inner is not None else None
+        return inner, (handler if handler is not None and handler.kind != "blocked" else None)
+
+    def connect(self, ctx, op):
+        inner, handler = self._inner(op.layer)
+        if handler is None:
+            ctx.block_all(op, f"TimeDistributed '{op.layer.name}' wraps {type(inner).__name__}, "
+                             "which has no channel handler")
+            return
+        handler.connect(ctx, _InnerOp(op, inner, handler))
+
+    def _delegate(self, layer, name, *args, default=None):
+        inner, handler = self._inner(layer)
+        if handler is None:
+            return default
+        return getattr(handler, name)(inner, *args)
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        inner, handler = self._inner(layer)
+        if handler is None:
+            return [np.zeros(c, bool) for c in out_channels]
+        return handler.forward_zero(inner, weights, _InnerOp(op, inner, handler), in_zero, out_channels)
+
+    def ignored_inputs(self, layer, weights, op):
+        inner, handler = self._inner(layer)
+        if handler is None:
+            return [None for _ in op.inputs]
+        return handler.ignored_inputs(inner, weights, _InnerOp(op, inner, handler))
+
+    def weight_roles(self, layer):
+        return self._delegate(layer, "weight_roles", default=[{} for _ in layer.weights])
+
+    def maskable(self, layer):
+        return self._delegate(layer, "maskable", default=[False for _ in layer.weights])
+
+    def depth_multiplier(self, layer):
+        return self._delegate(layer, "depth_multiplier", default=1)
+
+    def update_config(self, layer, config, n_in, n_out):
+        inner, handler = self._inner(layer)
+        config = dict(config)
+        sub = dict(config["layer"])
+        sub.pop("build_config", None)
+        sub["config"] = handler.update_config(inner, dict(sub["config"]), n_in, n_out)
+        config["layer"] = sub
+        return config
+
+    def slice_weights(self, layer, weights, kept_in, kept_out):
+        return self._delegate(layer, "slice_weights", weights, kept_in, kept_out, default=weights)
+
+    def macs(self, layer, op, graph, n_in, n_out):
+        inner, handler = self._inner(layer)
+        if handler is None:
+            return 0
+        return handler.macs(inner, _InnerOp(op, inner, handler), graph, n_in, n_out)
 
 
 # --------------------------------------------------------------------------- EinsumDense
