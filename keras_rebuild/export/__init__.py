@@ -49,18 +49,23 @@ INT8_BACKENDS = ("quantizer", "converter")
 
 # Default verification tolerances per quantization mode. A model passes when,
 # for every output,
-# ``max_abs_error <= atol + rtol * output_scale + ctol * internal_scale``
+# ``max_abs_error <= atol + rtol * output_scale + ctol * roundoff``
 # where ``output_scale`` is the largest absolute value of the Keras output and
-# ``internal_scale`` the largest absolute value inside the model (any layer's
-# output): an output that is a small difference of large values (a distance,
-# a residual) carries the round-off of those values. And (if ``min_top1`` is
-# set) the top-1 agreement must be at least ``min_top1``.
+# ``roundoff`` the largest change of that output when the Keras model's float
+# inputs move by ``ROUNDOFF_PERTURBATION`` (two float32 units in the last
+# place): an output that is a small difference of large values (a Siamese
+# distance, a residual) amplifies the round-off of those values, and its own
+# scale says nothing about that. ``ctol`` is a multiple of it: round-off piles
+# up along the layers (20 for float32), and float16 and int8 round 2**11 and
+# 2**14 times coarser than that perturbation. And
+# (if ``min_top1`` is set) the top-1 agreement must be at least ``min_top1``.
 DEFAULT_TOLERANCES: Dict[str, Dict[str, float]] = {
-    "float32": {"atol": 1e-6, "rtol": 1e-4, "ctol": 1e-5},
-    "float16": {"atol": 1e-3, "rtol": 2e-2, "ctol": 2e-3},
-    "dynamic": {"atol": 1e-2, "rtol": 0.3, "ctol": 0.05},
-    "int8": {"atol": 1e-2, "rtol": 0.3, "ctol": 0.05},
+    "float32": {"atol": 1e-6, "rtol": 1e-4, "ctol": 20.0},
+    "float16": {"atol": 1e-3, "rtol": 2e-2, "ctol": 4e4},
+    "dynamic": {"atol": 1e-2, "rtol": 0.3, "ctol": 3e5},
+    "int8": {"atol": 1e-2, "rtol": 0.3, "ctol": 3e5},
 }
+ROUNDOFF_PERTURBATION = 2.0 ** -22
 
 # Layer classes (and their subclasses, by class name in the MRO) whose time loop
 # the converter turns into LiteRT built-ins only for a static batch.
@@ -97,10 +102,11 @@ class VerificationResult:
         vacuous: The Keras outputs are (nearly) the same for every sample
             (spread within tolerance, or one sample): agreement then proves
             nothing about the conversion.
-        internal_scale: Largest absolute value of any layer's output inside
-            the Keras model on the verification inputs (the output scale when
-            the model's layers cannot be read, e.g. a subclassed model).
-        ctol: Tolerance relative to ``internal_scale`` (cancellation).
+        roundoff: Largest change of a Keras output when the float inputs move
+            by their round-off (``ROUNDOFF_PERTURBATION``, relative): how much
+            the model amplifies round-off, large for an output that is a
+            small difference of large values (cancellation).
+        ctol: Tolerance as a multiple of each output's ``roundoff``.
     """
 
     max_abs_error: float
@@ -115,7 +121,7 @@ class VerificationResult:
     per_output: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     output_spread: float = 0.0
     vacuous: bool = False
-    internal_scale: float = 0.0
+    roundoff: float = 0.0
     ctol: float = 0.0
 
     def __str__(self) -> str:
@@ -130,8 +136,8 @@ class VerificationResult:
         return (
             f"verification {status} on {self.num_samples} samples: "
             f"max abs error {self.max_abs_error:.3g}, mean abs error {self.mean_abs_error:.3g}, "
-            f"top-1 agreement {top1} (output scale {self.output_scale:.3g}, internal scale "
-            f"{self.internal_scale:.3g}; tolerance atol={self.atol:g}, rtol={self.rtol:g}, ctol={self.ctol:g}"
+            f"top-1 agreement {top1} (output scale {self.output_scale:.3g}, round-off "
+            f"{self.roundoff:.3g}; tolerance atol={self.atol:g}, rtol={self.rtol:g}, ctol={self.ctol:g}"
             + (f", min_top1={self.min_top1:g}" if self.min_top1 is not None else "")
             + ")"
         )
@@ -787,10 +793,10 @@ def _runtime_error(exc: BaseException, where, batch_error: Optional[BaseExceptio
     content, names = where if where else (None, ())
     node = re.search(r"Node number (\d+) \((\w+)\)", str(exc))
     located = ""
-    if node and content is not None:
-        layers = layer_at_node(content, int(node.group(1)), names, op=node.group(2))
-        if layers:
-            located = f" (op {node.group(2)} in layer(s) {', '.join(repr(n) for n in layers)})"
+    if node:
+        layers = layer_at_node(content, int(node.group(1)), names, op=node.group(2)) if content is not None else []
+        in_layers = f" in layer(s) {', '.join(repr(n) for n in layers)}" if layers else ""
+        located = f" (op {node.group(2)}{in_layers})"
     if "Flex delegate" in str(exc) or "Select TensorFlow op" in str(exc):
         advice = ("The file holds TensorFlow (Flex) ops that this interpreter cannot run: pass verify=False to "
                   "export it unverified (the app needs the Flex delegate)")
@@ -1022,8 +1028,21 @@ def _set_key(value, key: str, new):
     return value
 
 
-def _unrolled_copy(model):
-    """A copy of ``model`` whose recurrent layers unroll their time loop (same weights)."""
+def _unrolled_copy(model, specs):
+    """A copy of ``model`` whose recurrent layers unroll their time loop (same weights).
+
+    Raises:
+        InvalidArgumentError: If an input has an unknown dimension (the number of time steps must be fixed),
+            or the model cannot be rebuilt from its config.
+    """
+    unknown = [(name, shape) for name, shape, _ in specs if any(d is None for d in shape)]
+    if unknown:
+        name, shape = unknown[0]
+        raise InvalidArgumentError(
+            "Expected inputs of fixed size with unroll_rnn=True (the loop is unrolled once per time step). "
+            f"Received: input {name!r} of shape (batch, {', '.join('None' if d is None else str(d) for d in shape)})"
+            "; leave unroll_rnn=False for a loop over any number of steps"
+        )
     try:
         copy = type(model).from_config(_set_key(model.get_config(), "unroll", True))
         copy.set_weights(model.get_weights())
@@ -1099,22 +1118,26 @@ def _layer_outputs_fn(model):
     return fn, names
 
 
-def _internal_scale(fn, xs: List[np.ndarray], chunk: int = 4) -> Optional[float]:
-    """The largest absolute value of any layer output on ``xs`` (in chunks, to bound memory), or ``None``."""
-    if fn is None:
-        return None
-    largest = 0.0
-    try:
-        for start in range(0, xs[0].shape[0], chunk):
-            for a in fn([x[start : start + chunk] for x in xs]):
-                a = np.abs(np.asarray(a, dtype=np.float64))
-                a = a[np.isfinite(a)]
-                if a.size:
-                    largest = max(largest, float(a.max()))
-    except Exception as exc:  # noqa: BLE001 - only a refinement of the tolerance
-        logger.debug("Cannot compute the internal scale: %s", exc)
-        return None
-    return largest
+def _roundoff(model, xs: List[np.ndarray], expected: List[np.ndarray], seed: int = 0) -> List[float]:
+    """Per output: the largest change when every float input moves by ``ROUNDOFF_PERTURBATION`` (relative)."""
+    rng = np.random.default_rng(seed)
+    moved = []
+    for x in xs:
+        if np.issubdtype(x.dtype, np.floating):
+            signs = rng.choice(np.array([-1.0, 1.0]), size=x.shape)
+            x = (x.astype(np.float64) * (1.0 + ROUNDOFF_PERTURBATION * signs)).astype(x.dtype)
+        moved.append(x)
+    if all(np.array_equal(a, b) for a, b in zip(moved, xs)):
+        return [0.0] * len(expected)
+    out = []
+    for e, m in zip(expected, _keras_outputs(model, moved)):
+        e, m = np.asarray(e), np.asarray(m)
+        if e.shape != m.shape or not np.issubdtype(e.dtype, np.floating) or not e.size:
+            out.append(0.0)
+            continue
+        d = np.abs(e.astype(np.float64) - m.astype(np.float64))
+        out.append(float(d[np.isfinite(d)].max()) if np.isfinite(d).any() else 0.0)
+    return out
 
 
 def _stochastic_layer(fn, names: List[str], xs: List[np.ndarray]) -> Optional[str]:
@@ -1132,8 +1155,8 @@ def _stochastic_layer(fn, names: List[str], xs: List[np.ndarray]) -> Optional[st
     return None
 
 
-def _reference_outputs(model, xs: List[np.ndarray], tol: Dict[str, float]) -> Tuple[List[np.ndarray], float]:
-    """The Keras outputs on ``xs`` and the internal scale; checks the model is finite and deterministic.
+def _reference_outputs(model, xs: List[np.ndarray], tol: Dict[str, float]) -> Tuple[List[np.ndarray], List[float]]:
+    """The Keras outputs on ``xs`` and their round-off (``_roundoff``); checks they are finite and deterministic.
 
     Raises:
         VerificationError: If the Keras outputs hold NaN or Inf.
@@ -1147,10 +1170,7 @@ def _reference_outputs(model, xs: List[np.ndarray], tol: Dict[str, float]) -> Tu
                 f"{int((~np.isfinite(e)).sum())} NaN/Inf output values: the model itself is broken on these inputs "
                 "(check its weights or pass other `sample_inputs`); raising the tolerances would not help"
             )
-    fn, names = _layer_outputs_fn(model)
     scales = [float(np.max(np.abs(e))) if e.size and np.issubdtype(e.dtype, np.number) else 0.0 for e in expected]
-    internal = _internal_scale(fn, xs)
-    internal = max([internal if internal is not None else 0.0] + scales)
     again = [np.asarray(e) for e in _keras_outputs(model, xs)]
     out_names = _output_names(model, len(expected))
     for name, e, a, scale in zip(out_names, expected, again, scales):
@@ -1160,8 +1180,8 @@ def _reference_outputs(model, xs: List[np.ndarray], tol: Dict[str, float]) -> Tu
             diff = 0.0 if np.array_equal(e, a) else float("inf")
         else:
             diff = float(np.max(np.abs(e.astype(np.float64) - a.astype(np.float64)))) if e.size else 0.0
-        if diff > tol["atol"] + tol["rtol"] * scale + tol["ctol"] * internal:
-            layer = _stochastic_layer(fn, names, xs)
+        if diff > tol["atol"] + tol["rtol"] * scale:
+            layer = _stochastic_layer(*_layer_outputs_fn(model), xs)
             where = f" (first in layer {layer!r})" if layer else ""
             raise StochasticModelError(
                 "Expected the Keras model to give the same outputs for the same inputs, so that the LiteRT file "
@@ -1170,7 +1190,7 @@ def _reference_outputs(model, xs: List[np.ndarray], tol: Dict[str, float]) -> Tu
                 "meaningless. Export the deterministic part (e.g. the decoder), or pass verify=False to export "
                 "unverified"
             )
-    return expected, internal
+    return expected, _roundoff(model, xs, expected)
 
 
 def _signature_samples(content: bytes, specs, samples: List[List[np.ndarray]]) -> List[Dict[str, np.ndarray]]:
@@ -1184,16 +1204,17 @@ def _signature_samples(content: bytes, specs, samples: List[List[np.ndarray]]) -
 
 def _verify(
     model, content: bytes, xs: List[np.ndarray], atol: float, rtol: float, min_top1: Optional[float],
-    ctol: float = 0.0, expected: Optional[List[np.ndarray]] = None, internal_scale: Optional[float] = None,
+    ctol: float = 0.0, expected: Optional[List[np.ndarray]] = None, roundoff: Optional[List[float]] = None,
 ) -> VerificationResult:
     if expected is None:
-        expected, internal_scale = _reference_outputs(model, xs, {"atol": atol, "rtol": rtol, "ctol": ctol})
+        expected, roundoff = _reference_outputs(model, xs, {"atol": atol, "rtol": rtol, "ctol": ctol})
+    roundoff = list(roundoff) if roundoff is not None else [0.0] * len(expected)
     got = run_tflite(content, xs, model=model)
     names = _output_names(model, len(expected))
     per_output = []
     passed = True
     abs_sum, count, top1s = 0.0, 0, []
-    for name, e, g in zip(names, expected, got):
+    for name, e, g, noise in zip(names, expected, got, roundoff):
         e = np.asarray(e, dtype=np.float64)
         g = np.asarray(g, dtype=np.float64)
         if e.shape != g.shape:
@@ -1202,14 +1223,13 @@ def _verify(
             )
         diff = np.abs(e - g)
         scale = float(np.max(np.abs(e))) if e.size else 0.0
-        internal = max(scale, internal_scale or 0.0)
         spread = float(np.max(np.std(e, axis=0))) if e.ndim and e.shape[0] > 1 and e.size else 0.0
         max_err = float(diff.max()) if diff.size else 0.0
         top1 = None
         if e.ndim == 2 and e.shape[1] > 1:
             top1 = float(np.mean(np.argmax(e, axis=1) == np.argmax(g, axis=1)))
             top1s.append(top1)
-        tolerance = atol + rtol * scale + ctol * internal
+        tolerance = atol + rtol * scale + ctol * noise
         ok = bool(np.isfinite(max_err) and max_err <= tolerance)
         passed = passed and ok
         abs_sum += float(diff.sum())
@@ -1217,6 +1237,7 @@ def _verify(
         per_output.append(
             {"name": name, "max_abs_error": max_err, "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
              "scale": scale, "spread": spread, "top1_agreement": top1, "passed": ok, "tolerance": tolerance,
+             "roundoff": noise,
              "vacuous": spread <= tolerance}
         )
     top1_agreement = min(top1s) if top1s else None
@@ -1236,7 +1257,7 @@ def _verify(
         per_output=per_output,
         output_spread=max(p["spread"] for p in per_output),
         vacuous=int(xs[0].shape[0]) < 2 or all(p["vacuous"] for p in per_output),
-        internal_scale=max(output_scale, internal_scale or 0.0),
+        roundoff=max(p["roundoff"] for p in per_output),
         ctol=ctol,
     )
 
@@ -1329,16 +1350,16 @@ def export_tflite(
     outputs are compared with the Keras model's. Quantized inputs and outputs
     are (de)quantized with their scale and zero point, and tensors are matched
     to the Keras inputs and outputs by name, then shape. An output passes when
-    ``max_abs_error <= atol + rtol * scale + ctol * internal_scale``, where
-    ``scale`` is its largest absolute Keras value and ``internal_scale`` the
-    largest absolute value of any layer output inside the Keras model (an
-    output that is a small difference of large values, such as a Siamese
-    distance, carries the round-off of those values). Defaults
-    (``DEFAULT_TOLERANCES``):
+    ``max_abs_error <= atol + rtol * scale + ctol * roundoff``, where
+    ``scale`` is its largest absolute Keras value and ``roundoff`` the
+    largest change of the Keras output when the float inputs move by their
+    own round-off (two float32 units in the last place): an output that is a
+    small difference of large values, such as a Siamese distance, amplifies
+    round-off far beyond its own scale. Defaults (``DEFAULT_TOLERANCES``):
 
-    - ``"float32"``: ``atol=1e-6, rtol=1e-4, ctol=1e-5`` (round-off only).
-    - ``"float16"``: ``atol=1e-3, rtol=2e-2, ctol=2e-3``.
-    - ``"dynamic"`` and ``"int8"``: ``atol=1e-2, rtol=0.3, ctol=0.05`` --
+    - ``"float32"``: ``atol=1e-6, rtol=1e-4, ctol=20`` (round-off only).
+    - ``"float16"``: ``atol=1e-3, rtol=2e-2, ctol=4e4``.
+    - ``"dynamic"`` and ``"int8"``: ``atol=1e-2, rtol=0.3, ctol=3e5`` --
       generous, to catch broken conversions, not to certify accuracy.
 
     Before converting, the Keras model is called twice on the same inputs: a
@@ -1382,9 +1403,9 @@ def export_tflite(
         int8_backend: ``"quantizer"`` (the LiteRT Quantizer, falling back to
             the converter) or ``"converter"`` (the TFLite converter's own
             int8, as before; needs TensorFlow) for ``quantize="int8"``.
-        ctol: Verification tolerance relative to the model's internal scale
-            (the largest absolute layer output); default per mode. ``0``
-            judges every output by its own scale only.
+        ctol: Verification tolerance as a multiple of each output's
+            round-off (see above); default per mode. ``0`` judges every
+            output by its own scale only.
         batch_size: A static batch for the file's inputs, or ``None``: a
             dynamic batch, or 1 for models with recurrent layers (see above).
         unroll_rnn: Unroll the time loop of recurrent layers (needs a fixed
@@ -1477,7 +1498,8 @@ def export_tflite(
     specs = _input_specs(model)
     prepared = _prepare_model(model)
     backend = _keras_backend(prepared)
-    if select_tf_ops and backend == "torch" and not (mode != "float32" and int8_backend == "converter"):
+    converter_on_torch = mode == "float16" or (mode == "int8" and int8_backend == "converter")
+    if select_tf_ops and backend == "torch" and not converter_on_torch:
         raise InvalidArgumentError(
             "Expected `select_tf_ops=True` only where the TFLite converter converts (tf_keras, Keras 3 on "
             "TensorFlow or JAX): the torch backend's litert-torch has no TensorFlow ops. Received: "
@@ -1489,7 +1511,7 @@ def export_tflite(
         prepared = _float32_copy(prepared)
     recurrent = _has_recurrent_layers(prepared)
     if unroll_rnn and recurrent:
-        prepared = _unrolled_copy(prepared)
+        prepared = _unrolled_copy(prepared, specs)
     calibration = None
     if representative_data is not None:
         limit = max(num_calibration_samples, num_verify_samples) if mode == "int8" else num_verify_samples
@@ -1531,7 +1553,7 @@ def export_tflite(
         # Compare with the model as given (not the stripped/rebuilt copy), so
         # stripping and rebuilding are checked end to end too.
         verification = _verify(model, content, xs, atol=tol["atol"], rtol=tol["rtol"], min_top1=min_top1,
-                               ctol=tol["ctol"], expected=reference[0], internal_scale=reference[1])
+                               ctol=tol["ctol"], expected=reference[0], roundoff=reference[1])
         logger.info("%s", verification)
         if not verification.passed:
             details = "; ".join(
