@@ -53,6 +53,9 @@ class Op:
             ``TFOpLambda``; ``None`` for layers.
         constants: Non-tensor positional arguments of the call.
         options: Non-tensor keyword arguments of the call.
+        internal: ``name -> tensor index`` of the layer's internal channels
+            (attention heads): channels no Keras tensor carries, declared by
+            the layer's handler (``internal_channels``) and shared by its calls.
     """
 
     kind: str
@@ -66,6 +69,7 @@ class Op:
     fn: Optional[str] = None
     constants: tuple = ()
     options: dict = dataclasses.field(default_factory=dict)
+    internal: dict = dataclasses.field(default_factory=dict)
 
     def config(self) -> dict:
         """The layer's ``get_config()``, computed once per op."""
@@ -135,6 +139,7 @@ class Graph:
         self.walk_model(model, prefix="")
         self.outputs = [self.tensor_id(t) for t in self.backend.model_outputs(model)]
         self.input_names, self.output_names = self.backend.io_names(model)
+        self._add_internal_tensors()
         offset = 0
         for t in self.tensors:
             t.offset = offset
@@ -152,6 +157,22 @@ class Graph:
             self._tid[key] = info.index
             self.tensors.append(info)
         return self._tid[key]
+
+    def _add_internal_tensors(self):
+        """One tensor per internal channel set a handler declares (attention heads), per layer."""
+        from keras_rebuild.handlers import get_handler
+
+        for path, ops in self.layer_ops.items():
+            calls = [o for o in ops if o.kind == "layer"]
+            handler = get_handler(calls[0].layer) if calls else None
+            sizes = handler.internal_channels(calls[0].layer) if handler is not None else {}
+            ids = {}
+            for name, n in sizes.items():
+                info = TensorInfo(len(self.tensors), (None, int(n)), "float32", f"{path}:{name}")
+                self.tensors.append(info)
+                ids[name] = info.index
+            for o in calls:
+                o.internal = ids
 
     # -- building, called by the back-end's walk --------------------------------
     def walk_model(self, model, prefix: str):

@@ -217,7 +217,7 @@ class Analysis:
             outs = op.handler.forward_zero(
                 op.layer, self.weights.get(op.path, []), op, in_zero, [self.channels(t) for t in op.outputs]
             )
-            for t, z in zip(op.outputs, outs):
+            for t, z in zip(list(op.outputs) + list(op.internal.values()), outs):
                 zero[self.elements(t)] = np.broadcast_to(z, (self.channels(t),))
         for t in g.inputs:
             zero[self.elements(t)] = False
@@ -231,10 +231,19 @@ class Analysis:
         np.minimum.at(first_elem, self.labels, np.arange(len(self.labels)))
         # (component, writer) pairs, then the writer set of every written component, in graph order.
         comp_parts, writer_parts = [], []
+        sort_key = dict(order)
         for op, t in self.write_log:
             comps = np.unique(self.labels[self.elements(t)])
             comp_parts.append(comps)
-            writer_parts.append(np.full(len(comps), order.get(op.path, 0), np.int64))
+            writer = op.path
+            for name, it in op.internal.items():
+                if it == t:  # internal channels (heads) form groups of their own: "mha:heads"
+                    writer = f"{op.path}:{name}"
+                    if writer not in order:
+                        order[writer] = len(paths)
+                        paths.append(writer)
+                        sort_key[writer] = order.get(op.path, 0) + 0.5
+            writer_parts.append(np.full(len(comps), order.get(writer, 0), np.int64))
         by_key: Dict[Tuple[int, ...], List[int]] = {}
         if comp_parts:
             pairs = np.unique(np.stack([np.concatenate(comp_parts), np.concatenate(writer_parts)], 1), axis=0)
@@ -260,7 +269,7 @@ class Analysis:
         for op in g.ops:
             if op.kind != "layer" or op.call_index or not self.weights.get(op.path):
                 continue
-            for t in op.inputs[:1] + op.outputs[:1]:
+            for t in op.inputs[:1] + op.outputs[:1] + list(op.internal.values()):
                 for i in np.unique(group_of[self.labels[self.elements(t)]]):
                     if i >= 0:
                         members[i].add(op.path)
@@ -279,7 +288,7 @@ class Analysis:
                 blocked=self.comp_blocked[comps_of[i]],
                 reasons=tuple(sorted(reasons[i])),
             ))
-        groups.sort(key=lambda grp: order.get(grp.name, 0))
+        groups.sort(key=lambda grp: sort_key.get(grp.name, 0))
         # Group names key plans and scores: make them unique when two writer sets share a first writer.
         seen: Dict[str, int] = {}
         for grp in groups:

@@ -212,10 +212,13 @@ def magnitude_components(analysis: Analysis, weights, p: int = 1, include_reader
                 continue
             for axis, role in roles.items():
                 source, index = resolve_role(role, m, np.shape(w)[axis])
-                if source != "out" and handler.kind == "mixing" and not include_readers:
+                if source == "in" and handler.kind == "mixing" and not include_readers:
                     continue
                 per = _slice_reduce(w, axis, p)
-                elems = e_out if source == "out" else e_in
+                if source in op.internal:
+                    elems = analysis.elements(op.internal[source])
+                else:
+                    elems = e_out if source == "out" else e_in
                 if index is not None:  # position j belongs to channel index[j] (gates, depth multiplier)
                     elems = elems[index] if index.max(initial=-1) < len(elems) else None
                 if elems is None or len(elems) != len(per):

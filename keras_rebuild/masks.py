@@ -25,6 +25,13 @@ def layer_keep_masks(analysis: Analysis, remove: np.ndarray) -> Dict[str, tuple]
     return masks
 
 
+def internal_keep_masks(analysis: Analysis, remove: np.ndarray, path: str) -> Dict[str, np.ndarray]:
+    """``name -> boolean keep mask`` of one layer's internal channels (attention heads)."""
+    op = analysis.graph.first_op(path)
+    keep_elem = ~remove[analysis.labels]
+    return {name: keep_elem[analysis.elements(t)] for name, t in (op.internal if op is not None else {}).items()}
+
+
 def masked_weights(analysis: Analysis, remove: np.ndarray) -> Dict[str, List[np.ndarray]]:
     """Per layer path: its weights with the removed channels zeroed (maskable weights only)."""
     out = {}
@@ -35,8 +42,9 @@ def masked_weights(analysis: Analysis, remove: np.ndarray) -> Dict[str, List[np.
             out[path] = analysis.weights[path]
             continue
         m = handler.depth_multiplier(layer)
+        internal = internal_keep_masks(analysis, remove, path)
         out[path] = [
-            mask_array(w, roles, keep_in, keep_out, m) if maskable else w
+            mask_array(w, roles, keep_in, keep_out, m, internal) if maskable else w
             for w, roles, maskable in zip(analysis.weights[path], handler.weight_roles(layer), handler.maskable(layer))
         ]
     return out

@@ -532,8 +532,10 @@ def removed_components(analysis, wrappers) -> np.ndarray:
         if op is None or op.kind != "layer" or not w.built:
             continue
         keep_in, keep_out = w.channel_masks()
-        for t, keep in ((op.inputs[0] if op.inputs else None, keep_in),
-                        (op.outputs[0] if op.outputs else None, keep_out)):
+        internal = w.internal_masks()
+        pairs = [(op.inputs[0] if op.inputs else None, keep_in), (op.outputs[0] if op.outputs else None, keep_out)]
+        pairs += [(t, internal[name]) for name, t in op.internal.items() if name in internal]
+        for t, keep in pairs:
             if t is None:
                 continue
             labels = analysis.labels[analysis.elements(t)]
@@ -551,9 +553,10 @@ def plan_of_masks(analysis, wrappers):
 
 def apply_plan(analysis, wrappers, plan):
     """Set every wrapper's masks to carry out ``plan`` (``w.mask_sizes()``, ``w.assign_masks(in, out)``)."""
-    from keras_rebuild.masks import layer_keep_masks
+    from keras_rebuild.masks import internal_keep_masks, layer_keep_masks
 
-    keep = layer_keep_masks(analysis, plan.apply(analysis))
+    remove = plan.apply(analysis)
+    keep = layer_keep_masks(analysis, remove)
     for path, w in wrappers.items():
         if path not in keep:
             continue
@@ -561,7 +564,11 @@ def apply_plan(analysis, wrappers, plan):
         n_in, n_out = w.mask_sizes()
         keep_in = np.ones(n_in, bool) if keep_in is None or len(keep_in) != n_in else keep_in
         keep_out = np.ones(n_out, bool) if keep_out is None or len(keep_out) != n_out else keep_out
-        w.assign_masks(keep_in, keep_out)
+        internal = internal_keep_masks(analysis, remove, path)
+        if internal:
+            w.assign_masks(keep_in, keep_out, internal)
+        else:
+            w.assign_masks(keep_in, keep_out)
 
 
 def below_target_message(schedule, done: int, steps_per_epoch=None) -> Optional[str]:

@@ -171,6 +171,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         object.__setattr__(self, "_runtime", None)
         object.__setattr__(self, "_masking", [])
         object.__setattr__(self, "_multiplier", 1)
+        object.__setattr__(self, "_internal", {})
         object.__setattr__(self, "_callback_active", False)
         self.bn_l1 = float(bn_l1)
 
@@ -185,7 +186,8 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         return self._pruning_params.get("mode") == "schedule"
 
     def _own(self):
-        return [getattr(self, n, None) for n in ("in_channel_mask", "out_channel_mask", "pruning_step")]
+        names = ("in_channel_mask", "out_channel_mask", "pruning_step", "internal_channel_mask")
+        return [getattr(self, n, None) for n in names]
 
     @property
     def weights(self):
@@ -240,6 +242,16 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         self.pruning_step = self.add_weight(
             name="pruning_step", shape=(), dtype="int32", initializer=keras.initializers.Constant(start),
             trainable=False, aggregation=agg)
+        internal = handler.internal_channels(self.layer) if handler else {}
+        slices, start = {}, 0
+        for name, n in internal.items():
+            slices[name] = (start, int(n))
+            start += int(n)
+        object.__setattr__(self, "_internal", slices)
+        if slices:  # attention heads: one mask over every internal channel set
+            self.internal_channel_mask = self.add_weight(
+                name="internal_channel_mask", shape=(start,), initializer="ones", trainable=False,
+                aggregation=agg)
         maskable = handler.maskable(self.layer) if handler else [False for _ in self.layer.weights]
         masking = [(var, dict(r)) for var, r, mk in zip(self.layer.weights, roles, maskable) if mk and r]
         object.__setattr__(self, "_masking", masking)
@@ -252,7 +264,11 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         out = var.value
         for axis, role in roles.items():
             source, index = resolve_role(role, self._multiplier, var.shape[axis])
-            mask = self.out_channel_mask if source == "out" else self.in_channel_mask
+            if source in self._internal:
+                start, n = self._internal[source]
+                mask = self.internal_channel_mask[start:start + n]
+            else:
+                mask = self.out_channel_mask if source == "out" else self.in_channel_mask
             if index is not None:
                 mask = keras.ops.take(mask, index)
             shape = [1] * len(var.shape)
@@ -260,7 +276,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
             out = out * keras.ops.reshape(keras.ops.cast(mask, out.dtype), shape)
         return out
 
-    def call(self, inputs, training=None, **kwargs):
+    def call(self, inputs, *args, training=None, **kwargs):
         training_call = _is_true(training)
         if self.needs_callback and training_call and not self._callback_active:
             raise MissingCallbackError(_callback_message(self.name))
@@ -278,7 +294,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
             kw["training"] = training
         masked = [(var, self._masked(var, roles)) for var, roles in self._masking]
         with _MaskScope(masked) as scope:
-            outputs = inner(inputs, **kw)
+            outputs = inner(inputs, *args, **kw)
         if scope.parent is None:
             for variable, value in scope.updates:
                 variable.assign(value)
@@ -312,30 +328,62 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         if handler is None:
             return weights
         keep_in, keep_out = self.channel_masks()
-        if keep_in.all() and keep_out.all():
+        internal = self.internal_masks()
+        if keep_in.all() and keep_out.all() and all(k.all() for k in internal.values()):
             return weights
         m = handler.depth_multiplier(self.layer)
         return [
-            mask_array(w, roles, keep_in, keep_out, m) if mk and roles else w
+            mask_array(w, roles, keep_in, keep_out, m, internal) if mk and roles else w
             for w, roles, mk in zip(weights, handler.weight_roles(self.layer), handler.maskable(self.layer))
         ]
 
-    def assign_masks(self, keep_in, keep_out):
+    def internal_masks(self):
+        """``name -> boolean keep mask`` of the layer's internal channels (attention heads)."""
+        if not self._internal:
+            return {}
+        mask = np.asarray(keras.ops.convert_to_numpy(self.internal_channel_mask)) > 0.5
+        return {name: mask[start:start + n] for name, (start, n) in self._internal.items()}
+
+    def assign_masks(self, keep_in, keep_out, internal=None):
         """Set the masks (host side) and write zeros into the pruned weights."""
         self.in_channel_mask.assign(np.asarray(keep_in, np.float32).reshape(self.in_channel_mask.shape))
         self.out_channel_mask.assign(np.asarray(keep_out, np.float32).reshape(self.out_channel_mask.shape))
+        if self._internal:
+            full = np.ones(self.internal_channel_mask.shape, np.float32)
+            for name, (start, n) in self._internal.items():
+                keep = (internal or {}).get(name)
+                if keep is not None and len(keep) == n:
+                    full[start:start + n] = np.asarray(keep, np.float32)
+            self.internal_channel_mask.assign(full)
         self.zero_pruned_weights()
 
     def zero_pruned_weights(self):
         """Write zeros into the pruned entries of the wrapped layer's variables (host side)."""
         keep_in, keep_out = self.channel_masks()
-        if keep_in.all() and keep_out.all():
+        internal = self.internal_masks()
+        if keep_in.all() and keep_out.all() and all(k.all() for k in internal.values()):
             return
         for var, roles in self._masking:
             value = keras.ops.convert_to_numpy(var)
-            new = mask_array(value, roles, keep_in, keep_out, self._multiplier)
+            new = mask_array(value, roles, keep_in, keep_out, self._multiplier, internal)
             if not np.array_equal(new, value):
                 var.assign(new)
+
+
+def _build_like(new, old):
+    """Build ``new`` as ``old`` was when its ``build`` needs several shapes (MultiHeadAttention).
+
+    The wrapper's own ``build`` sees the first input's shape only.
+    """
+    try:
+        params = inspect.signature(type(new).build).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return
+    required = [p for p in params if p.name != "self" and p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    config = old.get_build_config() if old.built else None
+    if len(required) > 1 and config:
+        new.build_from_config(config)
 
 
 def _first_shape(shape):
@@ -563,6 +611,7 @@ def _prune_channels(model, sparsity, pruning_schedule, criterion, scope, ignore,
     def layer_fn(layer, path):
         new = _shared.copy_layer(layer)
         if path in wrap:
+            _build_like(new, layer)
             w = StructuredPruningWrapper(new, pruning_params=params, bn_l1=coef)
             object.__setattr__(w, "_runtime", runtime)
             return w

@@ -247,11 +247,19 @@ def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = 
         k_in = kept[in_t] if in_t is not None else np.arange(0)
         k_out = kept[out_t] if out_t is not None else np.arange(0)
         changed = len(k_in) != c_in or len(k_out) != c_out
+        internal = {name: kept[t] for name, t in op.internal.items()}
+        extra = {}
+        if internal:  # attention heads: only handlers that declare them take the argument
+            changed = changed or any(len(k) != g.tensors[t].channels
+                                     for k, t in zip(internal.values(), op.internal.values()))
+            extra = {"internal": internal}
         sliced = weights
         if changed and handler.kind != "blocked":
             if build:
-                new_configs[path] = handler.update_config(layer, config_of(layer, path), len(k_in), len(k_out))
-            sliced = handler.slice_weights(layer, weights, k_in, k_out) if weights else []
+                sizes = {"internal": {n: len(k) for n, k in internal.items()}} if internal else {}
+                new_configs[path] = handler.update_config(layer, config_of(layer, path), len(k_in), len(k_out),
+                                                          **sizes)
+            sliced = handler.slice_weights(layer, weights, k_in, k_out, **extra) if weights else []
         new_weights[path] = sliced
         m_before = sum(handler.macs(layer, o, g, c_in, c_out) for o in ops)
         m_after = sum(handler.macs(layer, o, g, len(k_in), len(k_out)) for o in ops)

@@ -220,6 +220,7 @@ def zero_random_components(model, fraction: float = 0.5, seed: int = 0, analysis
 
 
 def _zero_writers(model, analysis, remove):
+    from keras_rebuild import masks
     from keras_rebuild.handlers import mask_array
 
     weights = {}
@@ -231,8 +232,9 @@ def _zero_writers(model, analysis, remove):
         if handler.kind == "mixing":
             keep_in = None  # kernels still read every channel
         m = handler.depth_multiplier(layer)
+        internal = masks.internal_keep_masks(analysis, remove, path)
         weights[path] = [
-            mask_array(w, roles, keep_in, keep_out, m) if maskable else w
+            mask_array(w, roles, keep_in, keep_out, m, internal) if maskable else w
             for w, roles, maskable in zip(analysis.weights[path], handler.weight_roles(layer), handler.maskable(layer))
         ]
     return analysis.graph.backend.clone_with_weights(model, weights)

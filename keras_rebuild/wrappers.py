@@ -154,6 +154,8 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         self.in_channel_mask = None
         self.out_channel_mask = None
         self.pruning_step = None
+        self.internal_channel_mask = None
+        object.__setattr__(self, "_internal", {})
         # Python-only state (never saved): set by UpdatePruningStep while it trains the model.
         self._callback_active = False
         object.__setattr__(self, "_runtime", None)
@@ -171,7 +173,8 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
 
     @property
     def weights(self):
-        own = [v for v in (self.in_channel_mask, self.out_channel_mask, self.pruning_step) if v is not None]
+        own = [v for v in (self.in_channel_mask, self.out_channel_mask, self.pruning_step,
+                           self.internal_channel_mask) if v is not None]
         return list(self.layer.weights) + own
 
     def set_weights(self, weights):
@@ -214,6 +217,15 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         self.pruning_step = self.add_weight(
             "pruning_step", shape=(), dtype=tf.int64, initializer=keras.initializers.Constant(start),
             trainable=False, aggregation=agg)
+        internal = handler.internal_channels(self.layer) if handler else {}
+        slices, start = {}, 0
+        for name, n in internal.items():
+            slices[name] = (start, int(n))
+            start += int(n)
+        object.__setattr__(self, "_internal", slices)
+        if slices:  # attention heads: one mask over every internal channel set
+            self.internal_channel_mask = self.add_weight(
+                "internal_channel_mask", shape=(start,), initializer="ones", trainable=False, aggregation=agg)
         self._plan_masking(handler, roles, m)
         if self.bn_l1 > 0 and isinstance(self.layer, keras.layers.BatchNormalization) and self.layer.scale:
             gamma = self.layer.gamma
@@ -249,7 +261,11 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         out = t
         for axis, role in roles.items():
             source, index = resolve_role(role, self._multiplier, t.shape[axis])
-            mask = self.out_channel_mask if source == "out" else self.in_channel_mask
+            if source in self._internal:
+                start, n = self._internal[source]
+                mask = self.internal_channel_mask[start:start + n]
+            else:
+                mask = self.out_channel_mask if source == "out" else self.in_channel_mask
             if index is not None:
                 mask = tf.gather(mask, index)
             shape = [1] * t.shape.rank
@@ -258,7 +274,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         return out
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, inputs, training=None, **kwargs):
+    def call(self, inputs, *args, training=None, **kwargs):
         if self.needs_callback and _is_true(training) and not self._callback_active:
             error = MissingCallbackError(_callback_message(self.name))
             # Keep our error class (and message) through AutoGraph's and Keras' error rewriting.
@@ -282,7 +298,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
                     object.__setattr__(owner, name, value)
             call_fn = tf.__internal__.autograph.tf_convert(
                 inner.call, tf.__internal__.autograph.control_status_ctx())
-            outputs = call_fn(inputs, **kw)
+            outputs = call_fn(inputs, *args, **kw)
             self._activity_loss(inner, outputs)
             return outputs
         finally:
@@ -323,11 +339,12 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         if handler is None:
             return weights
         keep_in, keep_out = self.channel_masks()
-        if keep_in.all() and keep_out.all():
+        internal = self.internal_masks()
+        if keep_in.all() and keep_out.all() and all(k.all() for k in internal.values()):
             return weights
         m = handler.depth_multiplier(self.layer)
         return [
-            mask_array(w, roles, keep_in, keep_out, m) if mk and roles else w
+            mask_array(w, roles, keep_in, keep_out, m, internal) if mk and roles else w
             for w, roles, mk in zip(weights, handler.weight_roles(self.layer), handler.maskable(self.layer))
         ]
 
@@ -335,23 +352,38 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         """``(input channels, output channels)`` of the masks."""
         return int(self.in_channel_mask.shape[0]), int(self.out_channel_mask.shape[0])
 
-    def assign_masks(self, keep_in, keep_out):
-        """Set the masks from boolean keep arrays and zero the pruned weights."""
-        self._assign_masks(keep_in, keep_out)
+    def internal_masks(self):
+        """``name -> boolean keep mask`` of the layer's internal channels (attention heads)."""
+        if not self._internal:
+            return {}
+        mask = np.asarray(keras.backend.get_value(self.internal_channel_mask)) > 0.5
+        return {name: mask[start:start + n] for name, (start, n) in self._internal.items()}
 
-    def _assign_masks(self, keep_in, keep_out):
+    def assign_masks(self, keep_in, keep_out, internal=None):
+        """Set the masks from boolean keep arrays and zero the pruned weights."""
+        self._assign_masks(keep_in, keep_out, internal)
+
+    def _assign_masks(self, keep_in, keep_out, internal=None):
         self.in_channel_mask.assign(np.asarray(keep_in, np.float32).reshape(self.in_channel_mask.shape))
         self.out_channel_mask.assign(np.asarray(keep_out, np.float32).reshape(self.out_channel_mask.shape))
+        if self._internal:
+            full = np.ones(self.internal_channel_mask.shape, np.float32)
+            for name, (start, n) in self._internal.items():
+                keep = (internal or {}).get(name)
+                if keep is not None and len(keep) == n:
+                    full[start:start + n] = np.asarray(keep, np.float32)
+            self.internal_channel_mask.assign(full)
         self._zero_pruned_weights()
 
     def _zero_pruned_weights(self):
         """Write zeros into the pruned entries of the wrapped layer's variables (host side)."""
         keep_in, keep_out = self.channel_masks()
-        if keep_in.all() and keep_out.all():
+        internal = self.internal_masks()
+        if keep_in.all() and keep_out.all() and all(k.all() for k in internal.values()):
             return
         for var, _, roles in self._masking:
             value = var.numpy()
-            new = mask_array(value, roles, keep_in, keep_out, self._multiplier)
+            new = mask_array(value, roles, keep_in, keep_out, self._multiplier, internal)
             if not np.array_equal(new, value):
                 var.assign(new)
 

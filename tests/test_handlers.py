@@ -200,6 +200,7 @@ def _layer_examples():
         "LSTM": lambda: sequence_sandwich(L.LSTM(7, return_state=True)),
         "Bidirectional": lambda: sequence_sandwich(L.Bidirectional(L.LSTM(5, return_sequences=True))),
         "GroupNormalization": lambda: sandwich(L.GroupNormalization(groups=4)),
+        "MultiHeadAttention": lambda: sequence_sandwich(lambda x: L.MultiHeadAttention(4, 3, name="mha")(x, x)),
         "Embedding": embedding_model,
         "TimeDistributed": lambda: sequence_sandwich(L.TimeDistributed(L.Dense(7, activation="relu"))),
         "CustomScaleLayer": lambda: two_branch(lambda a, b: _registered("CustomScaleLayer")(0.17)([a, b])),

@@ -19,6 +19,7 @@ from keras_rebuild.handlers.common import (  # noqa: F401
     TiedHandler,
 )
 from keras_rebuild.handlers import layers as _builtin_layers  # noqa: F401  (declares built-ins)
+from keras_rebuild.handlers import attention as _attention  # noqa: F401  (declares built-ins)
 from keras_rebuild.handlers import recurrent as _recurrent  # noqa: F401  (declares built-ins)
 from keras_rebuild.handlers.layers import OpHandler  # noqa: F401
 

@@ -124,14 +124,28 @@ class LayerHandler:
     def depth_multiplier(self, layer) -> int:
         return 1
 
+    def internal_channels(self, layer) -> Dict[str, int]:
+        """Channel sets inside the layer that no tensor carries (``{"heads": 8}``); none by default.
+
+        Each becomes a tensor of the analysis (``op.internal[name]``) that the
+        handler writes and ties like any other; roles refer to it with
+        ``Role(name, index)``, and ``update_config``/``slice_weights`` receive
+        its kept counts/indices as ``internal``.
+        """
+        return {}
+
     def update_config(self, layer, config: dict, n_in: int, n_out: int) -> dict:
         """The layer config for ``n_in`` input and ``n_out`` output channels."""
         return config
 
-    def slice_weights(self, layer, weights, kept_in, kept_out):
-        """Weights restricted to the kept channels (the default uses ``weight_roles``)."""
+    def slice_weights(self, layer, weights, kept_in, kept_out, internal=None):
+        """Weights restricted to the kept channels (the default uses ``weight_roles``).
+
+        ``internal`` (only for handlers with ``internal_channels``) maps each
+        internal name to its kept indices.
+        """
         return [
-            _take(w, roles, kept_in, kept_out, self.depth_multiplier(layer))
+            _take(w, roles, kept_in, kept_out, self.depth_multiplier(layer), internal)
             for w, roles in zip(weights, self.weight_roles(layer))
         ]
 
@@ -148,16 +162,17 @@ class Role:
     output channels: ``Role("out", np.tile(np.arange(units), 4))``.
 
     Args:
-        source: ``"in"`` (the layer's first input's channels) or ``"out"`` (its
-            first output's channels).
+        source: ``"in"`` (the layer's first input's channels), ``"out"`` (its
+            first output's channels) or the name of one of the handler's
+            ``internal_channels`` (attention heads).
         index: Integer array, one entry per position along the axis.
     """
 
     __slots__ = ("source", "index")
 
     def __init__(self, source: str, index):
-        if source not in ("in", "out"):
-            raise ValueError(f"Expected `source` to be 'in' or 'out'. Received: source={source!r}")
+        if not isinstance(source, str):
+            raise ValueError(f"Expected `source` to be 'in', 'out' or an internal name. Received: source={source!r}")
         self.source = source
         self.index = np.asarray(index, np.int64)
 
@@ -181,37 +196,48 @@ def resolve_role(role, multiplier: int = 1, size: Optional[int] = None):
     raise ValueError(f"Expected a weight role 'in', 'out', 'in*m' or a Role. Received: {role!r}")
 
 
-def role_positions(role, kept_in, kept_out, multiplier: int, size: int):
+def _pick(source, a_in, a_out, internal):
+    if source == "in":
+        return a_in
+    if source == "out":
+        return a_out
+    return (internal or {}).get(source)
+
+
+def role_positions(role, kept_in, kept_out, multiplier: int, size: int, internal=None):
     """Positions along an axis that stay when ``kept_in``/``kept_out`` channels stay (``None``: all)."""
     source, index = resolve_role(role, multiplier, size)
-    kept = kept_in if source == "in" else kept_out
+    kept = _pick(source, kept_in, kept_out, internal)
     if kept is None or index is None:
         return kept
     return np.flatnonzero(np.isin(index, kept))
 
 
-def _take(w, roles, kept_in, kept_out, multiplier):
+def _take(w, roles, kept_in, kept_out, multiplier, internal=None):
     for axis, role in roles.items():
-        idx = role_positions(role, kept_in, kept_out, multiplier, w.shape[axis])
+        idx = role_positions(role, kept_in, kept_out, multiplier, w.shape[axis], internal)
         if idx is not None and len(idx) != w.shape[axis]:
             w = np.take(w, idx, axis=axis)
     return w
 
 
-def role_keep(role, keep_in, keep_out, multiplier: int, size: int):
+def role_keep(role, keep_in, keep_out, multiplier: int, size: int, internal=None):
     """The boolean keep mask along an axis for channel keep masks (``None``: keep all)."""
     source, index = resolve_role(role, multiplier, size)
-    keep = keep_in if source == "in" else keep_out
+    keep = _pick(source, keep_in, keep_out, internal)
     if keep is None or index is None:
         return keep
     return np.asarray(keep)[index]
 
 
-def mask_array(w, roles, keep_in, keep_out, multiplier):
-    """Zero the entries of ``w`` that belong to pruned channels (boolean keep masks)."""
+def mask_array(w, roles, keep_in, keep_out, multiplier, internal=None):
+    """Zero the entries of ``w`` that belong to pruned channels (boolean keep masks).
+
+    ``internal`` maps the names of a handler's internal channels to their keep masks.
+    """
     out = w
     for axis, role in roles.items():
-        keep = role_keep(role, keep_in, keep_out, multiplier, w.shape[axis])
+        keep = role_keep(role, keep_in, keep_out, multiplier, w.shape[axis], internal)
         if keep is None or keep.all():
             continue
         shape = [1] * w.ndim
