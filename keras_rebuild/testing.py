@@ -380,7 +380,8 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
     for _ in range(n_steps):
         has_img = any(_img(s) for s in shapes)
         # Repeats weight the draw towards the layers that create and couple channel groups.
-        kinds = ["conv", "conv", "conv", "dense", "bn", "bn", "activation", "residual", "residual", "concat"]
+        kinds = ["conv", "conv", "conv", "dense", "bn", "bn", "activation", "residual", "residual", "concat",
+                 "group_norm"]
         if has_img:
             kinds += ["squeeze_excite", "depthwise", "separable", "conv_transpose", "pool", "zero_padding",
                       "upsampling", "gap_head", "flatten_head"]
@@ -407,6 +408,12 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
             t = _pick(draw, st, shapes, lambda s: True)
             p = dict(center=draw(st.booleans()), scale=zero_preserving or draw(st.booleans()))
             add("bn", p, [t], shapes[t])
+        elif kind == "group_norm":
+            t = _pick(draw, st, shapes, lambda s: True)
+            c = shapes[t][-1]
+            groups = draw(st.sampled_from([-1] + [g for g in range(1, c + 1) if c % g == 0]))
+            p = dict(groups=groups, center=draw(st.booleans()), scale=draw(st.booleans()))
+            add("group_norm", p, [t], shapes[t])
         elif kind == "activation":
             t = _pick(draw, st, shapes, lambda s: True)
             names = ["relu", "tanh", "ReLU"] + ([] if zero_preserving else ["sigmoid"])
@@ -562,6 +569,9 @@ def build_model(spec: dict, seed: int = 0, name: str = "fuzz", keras=None):
             y = L.Dense(p["units"], use_bias=p["use_bias"], activation=p["activation"], name=uname("dense"))(x)
         elif kind == "bn":
             y = L.BatchNormalization(center=p["center"], scale=p["scale"], name=uname("bn"))(x)
+        elif kind == "group_norm":
+            y = L.GroupNormalization(groups=p["groups"], center=p["center"], scale=p["scale"],
+                                     name=uname("group_norm"))(x)
         elif kind == "activation":
             if p["activation"] == "ReLU":
                 y = L.ReLU(name=uname("relu"))(x)

@@ -1,0 +1,277 @@
+"""Attention heads, recurrent units, normalisation groups and structural index maps, in both flavours.
+
+The registry harness (test_handlers.py) checks every handler on random zeroing;
+these tests pin the rules that make each removal exact, with hand-made cases
+that fail when a rule is too bold or too timid.
+"""
+import os
+
+import numpy as np
+import pytest
+
+import keras_rebuild as kr
+from keras_rebuild.groups import Analysis
+from keras_rebuild.testing import FLAVOUR_VARIABLE, flavour_keras, max_relative_error, random_inputs, randomize_weights
+
+keras = flavour_keras()
+L = keras.layers
+FLAVOUR = os.environ[FLAVOUR_VARIABLE]
+TOL = 2e-5
+
+
+def _set(model, name, fn):
+    """Edit the weights of layer ``name`` with ``fn(list of arrays) -> list of arrays``."""
+    layer = model.get_layer(name)
+    layer.set_weights(fn([w.copy() for w in layer.get_weights()]))
+
+
+def _lstm_model(units=6, writer=8):
+    inp = keras.Input((5, 4))
+    x = L.Dense(writer, name="writer")(inp)
+    x = L.LSTM(units, return_sequences=True, name="lstm")(x)
+    x = L.GRU(units, name="gru")(x)
+    return randomize_weights(keras.Model(inp, L.Dense(3, name="head")(x)), seed=3)
+
+
+# ----------------------------------------------------------------------------- recurrent units
+def test_lstm_unit_with_a_zero_candidate_column_goes_whatever_its_other_gates():
+    model = _lstm_model()
+    units = 6
+
+    def kill_candidate(ws):
+        kernel, recurrent, bias = ws
+        for w in (kernel, recurrent):
+            w[:, 2 * units + 1] = 0.0  # candidate block (i, f, c, o) of unit 1
+        bias[2 * units + 1] = 0.0
+        return [kernel, recurrent, bias]
+
+    _set(model, "lstm", kill_candidate)
+    small, report = kr.rebuild(model, return_report=True)
+    assert small.get_layer("lstm").units == units - 1
+    x = random_inputs(model, batch=3, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+
+
+def test_recurrent_unit_fed_by_a_live_unit_stays():
+    model = _lstm_model()
+    units = 6
+
+    def kill_all_but_recurrence(ws):
+        kernel, recurrent, bias = ws
+        kernel[:, 2 * units + 1] = 0.0
+        bias[2 * units + 1] = 0.0
+        recurrent[:, 2 * units + 1] = 0.0
+        recurrent[0, 2 * units + 1] = 0.5  # unit 0 (alive) still writes unit 1's candidate
+        return [kernel, recurrent, bias]
+
+    _set(model, "lstm", kill_all_but_recurrence)
+    small = kr.rebuild(model)
+    assert small.get_layer("lstm").units == units
+
+
+def test_gru_unit_goes_only_when_its_recurrent_bias_is_zero_too():
+    model = _lstm_model()
+    units = 6
+
+    def kill(ws, recurrent_bias):
+        kernel, recurrent, bias = ws
+        kernel[:, 2 * units + 4] = 0.0
+        recurrent[:, 2 * units + 4] = 0.0
+        bias[..., 2 * units + 4] = 0.0
+        if bias.ndim == 2:  # reset_after: (input bias, recurrent bias)
+            bias[1, 2 * units + 4] = recurrent_bias
+        return [kernel, recurrent, bias]
+
+    _set(model, "gru", lambda ws: kill(ws, 0.3))
+    assert kr.rebuild(model).get_layer("gru").units == units
+    _set(model, "gru", lambda ws: kill(ws, 0.0))
+    small = kr.rebuild(model)
+    assert small.get_layer("gru").units == units - 1
+    x = random_inputs(model, batch=3, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+
+
+def test_pruned_recurrent_stack_trains_strips_and_rebuilds_exactly_at_the_pruned_size():
+    model = _lstm_model(units=8)
+    pruned = kr.prune_channels(model, sparsity=0.5)
+    pruned.compile("adam", "mse")
+    x = random_inputs(model, batch=16, seed=2)
+    pruned.fit(x, np.zeros((16, 3), "float32"), epochs=1, batch_size=8, verbose=0)
+    stripped = kr.strip_pruning(pruned)
+    small = kr.rebuild(stripped)
+    assert small.get_layer("lstm").units == 4 and small.get_layer("gru").units == 4
+    assert max_relative_error(stripped, small, x[:4]) <= TOL
+    twin = _lstm_model(units=4, writer=small.get_layer("writer").units)  # the same builder, half the units
+    assert small.count_params() == twin.count_params()
+
+
+# ----------------------------------------------------------------------------- attention heads
+def _attention_block(heads=4):
+    inp = keras.Input((6, 16))
+    h = L.LayerNormalization(name="ln")(inp)
+    a = L.MultiHeadAttention(heads, 8, name="mha")(h, h)
+    x = L.Add()([inp, a])
+    return randomize_weights(keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x))), seed=5)
+
+
+def test_attention_head_with_zero_value_projection_goes_and_num_heads_drops():
+    model = _attention_block()
+
+    def kill_value_of_head_2(ws):
+        ws[4][:, 2, :] = 0.0  # value kernel (d, heads, dim)
+        ws[5][2, :] = 0.0  # value bias (heads, dim)
+        return ws
+
+    _set(model, "mha", kill_value_of_head_2)
+    small = kr.rebuild(model)
+    assert small.get_layer("mha").get_config()["num_heads"] == 3
+    x = random_inputs(model, batch=3, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+    assert small.count_params() == _attention_block(heads=3).count_params()
+
+
+def test_attention_head_with_live_values_stays():
+    model = _attention_block()
+    _set(model, "mha", lambda ws: [w if i != 0 else w * 0 for i, w in enumerate(ws)])  # query kernel only
+    assert kr.rebuild(model).get_layer("mha").get_config()["num_heads"] == 4
+
+
+def test_prune_channels_prunes_attention_heads_during_training():
+    model = _attention_block()
+    pruned = kr.prune_channels(model, sparsity=0.5)
+    pruned.compile("adam", "mse")
+    x = random_inputs(model, batch=8, seed=2)
+    pruned.fit(x, np.zeros((8, 3), "float32"), epochs=1, verbose=0)
+    stripped = kr.strip_pruning(pruned)
+    small = kr.rebuild(stripped)
+    assert small.get_layer("mha").get_config()["num_heads"] == 2
+    assert max_relative_error(stripped, small, x[:4]) <= TOL
+    assert "mha:heads" in [g.name for g in Analysis(model).groups]
+
+
+# ----------------------------------------------------------------------------- groups and index maps
+def test_group_norm_cnn_with_dead_groups_matches_the_builder_at_fewer_groups():
+    def build(groups):
+        inp = keras.Input((8, 8, 3))
+        x = L.Conv2D(4 * groups, 3, padding="same", name="conv")(inp)
+        x = L.GroupNormalization(groups=groups, name="gn")(x)
+        x = L.Conv2D(5, 1, name="reader")(x)
+        return keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+
+    model = randomize_weights(build(8), seed=1)
+    dead = np.concatenate([np.arange(4, 8), np.arange(16, 24)])  # groups 1, 4 and 5
+
+    def kill(ws):
+        ws[0][..., dead] = 0.0
+        ws[1][dead] = 0.0
+        return ws
+
+    _set(model, "conv", kill)
+    _set(model, "gn", lambda ws: [ws[0], np.where(np.isin(np.arange(32), dead), 0.0, ws[1]).astype("float32")])
+    small = kr.rebuild(model)
+    assert small.get_layer("gn").get_config()["groups"] == 5
+    assert small.count_params() == build(5).count_params()
+    x = random_inputs(model, batch=2, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+
+
+def test_group_with_one_live_channel_stays_whole():
+    inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, padding="same", name="conv")(inp)
+    x = L.GroupNormalization(groups=2, name="gn")(x)
+    model = randomize_weights(keras.Model(inp, L.Conv2D(2, 1)(x)), seed=2)
+
+    def kill_three_of_group_0(ws):
+        ws[0][..., :3] = 0.0
+        ws[1][:3] = 0.0
+        return ws
+
+    _set(model, "conv", kill_three_of_group_0)
+    _set(model, "gn", lambda ws: [ws[0], np.concatenate([np.zeros(3), ws[1][3:]]).astype("float32")])
+    assert kr.rebuild(model).get_layer("gn").get_config()["groups"] == 2
+
+
+def test_unflattening_reshape_removes_the_dense_units_of_dead_channels():
+    inp = keras.Input((6,))
+    x = L.Dense(4 * 4 * 8, name="project")(inp)
+    x = L.Reshape((4, 4, 8), name="unflatten")(x)
+    x = L.Conv2DTranspose(3, 3, padding="same", name="deconv")(x)
+    model = randomize_weights(keras.Model(inp, x), seed=4)
+    dead_channels = [1, 6]
+    units = np.array([s * 8 + c for s in range(16) for c in dead_channels])
+
+    def kill(ws):
+        ws[0][:, units] = 0.0
+        ws[1][units] = 0.0
+        return ws
+
+    _set(model, "project", kill)
+    small = kr.rebuild(model)
+    assert small.get_layer("project").units == 4 * 4 * 6
+    assert tuple(small.get_layer("unflatten").output.shape[1:]) == (4, 4, 6)
+    x = random_inputs(model, batch=3, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+
+
+def test_unflattening_reshape_keeps_a_channel_with_one_live_position():
+    inp = keras.Input((6,))
+    x = L.Dense(2 * 2 * 4, name="project")(inp)
+    x = L.Reshape((2, 2, 4))(x)
+    model = randomize_weights(keras.Model(inp, L.Conv2D(3, 1)(x)), seed=4)
+
+    def kill_all_but_one_position(ws):
+        units = np.array([s * 4 + 2 for s in range(3)])  # channel 2 at positions 0..2, alive at 3
+        ws[0][:, units] = 0.0
+        ws[1][units] = 0.0
+        return ws
+
+    _set(model, "project", kill_all_but_one_position)
+    assert kr.rebuild(model).get_layer("project").units == 16
+
+
+def test_embedding_loses_dead_output_dimensions():
+    inp = keras.Input((5,), dtype="int32")
+    x = L.Embedding(20, 8, name="embedding")(inp)
+    x = L.Dense(4, name="reader")(x)
+    model = randomize_weights(keras.Model(inp, L.Dense(2)(L.Flatten()(x))), seed=6)
+    _set(model, "embedding", lambda ws: [np.where(np.arange(8) % 3 == 0, 0.0, ws[0]).astype("float32")])
+    small = kr.rebuild(model)
+    assert small.get_layer("embedding").output_dim == 5
+    x = [np.random.default_rng(0).integers(0, 20, (3, 5)).astype("int32")]
+    assert max_relative_error(model, small, x) <= TOL
+
+
+@pytest.mark.tf_keras_only
+def test_depth_to_space_moves_channels_in_blocks():
+    import tensorflow as tf
+
+    inp = keras.Input((4, 4, 3))
+    x = L.Conv2D(12, 3, padding="same", name="writer")(inp)
+    x = tf.nn.depth_to_space(x, 2)  # 12 channels -> 3 channels, each from 4 input channels
+    x = L.Conv2D(5, 3, padding="same", name="reader")(x)
+    model = randomize_weights(keras.Model(inp, x), seed=7)
+    analysis = Analysis(model)
+    writer = [g for g in analysis.groups if g.name == "writer"][0]
+    assert writer.size == 3  # 12 channels in 3 units of removal: one per output channel
+    dead = np.array([k * 3 + 1 for k in range(4)])  # output channel 1 of depth_to_space
+    _set(model, "writer", lambda ws: [np.where(np.isin(np.arange(12), dead), 0.0, ws[0]).astype("float32"),
+                                      np.where(np.isin(np.arange(12), dead), 0.0, ws[1]).astype("float32")])
+    small = kr.rebuild(model)
+    assert small.get_layer("writer").filters == 8
+    x = random_inputs(model, batch=2, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+
+
+# ----------------------------------------------------------------------------- wrapper losses
+def test_pruning_wrapper_keeps_the_inner_layers_activity_regularizer_loss():
+    inp = keras.Input((4,))
+    x = L.Dense(6, activity_regularizer=keras.regularizers.L2(0.1), name="dense")(inp)
+    model = keras.Model(inp, L.Dense(2, name="head")(x))
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    model(x)
+    expected = float(sum(np.asarray(loss) for loss in model.losses))
+    assert expected > 0
+    pruned = kr.prune_channels(model, sparsity=0.0)
+    pruned(x)
+    got = float(sum(np.asarray(loss) for loss in pruned.losses))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
