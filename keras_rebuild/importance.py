@@ -400,11 +400,11 @@ class DataCriterion(Criterion):
             from keras_rebuild.graph import Graph
 
             graph = Graph(model)
-            refs = [t._ref for t in graph.tensors]
+            refs = [getattr(t, "_ref", None) for t in graph.tensors]  # internal channels have none
             if len(refs) != len(analysis.graph.tensors):  # pragma: no cover - defensive
                 raise InvalidArgumentError("the cloned model's graph differs from the analysed one")
             return model, refs
-        return model, [t._ref for t in analysis.graph.tensors]
+        return model, [getattr(t, "_ref", None) for t in analysis.graph.tensors]
 
     def _run(self, analysis, weights, tensors):
         model, refs = self._model_for(analysis, weights)
@@ -458,7 +458,8 @@ class DataCriterion(Criterion):
                 if fb is None:
                     fb = np.asarray(self.fallback.component_scores(analysis, weights), np.float64)
                     log.warning(
-                        "Criterion '%s' cannot measure some channels (inside a nested model); "
+                        "Criterion '%s' cannot measure some channels (inside a nested model, or attention "
+                        "heads, which no tensor carries); "
                         "their groups are scored by %r instead.", self.name, self.fallback,
                     )
                 score[grp.components] = fb[grp.components]

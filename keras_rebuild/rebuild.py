@@ -261,8 +261,13 @@ def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = 
                                                           **sizes)
             sliced = handler.slice_weights(layer, weights, k_in, k_out, **extra) if weights else []
         new_weights[path] = sliced
-        m_before = sum(handler.macs(layer, o, g, c_in, c_out) for o in ops)
-        m_after = sum(handler.macs(layer, o, g, len(k_in), len(k_out)) for o in ops)
+        if internal:
+            sizes_before = {"internal": {n: g.tensors[t].channels for n, t in op.internal.items()}}
+            sizes_after = {"internal": {n: len(k) for n, k in internal.items()}}
+        else:
+            sizes_before = sizes_after = {}
+        m_before = sum(handler.macs(layer, o, g, c_in, c_out, **sizes_before) for o in ops)
+        m_after = sum(handler.macs(layer, o, g, len(k_in), len(k_out), **sizes_after) for o in ops)
         macs_before += m_before
         macs_after += m_after
         if weights:

@@ -275,3 +275,33 @@ def test_pruning_wrapper_keeps_the_inner_layers_activity_regularizer_loss():
     pruned(x)
     got = float(sum(np.asarray(loss) for loss in pruned.losses))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_data_driven_criteria_score_attention_heads_by_their_weights():
+    from keras_rebuild.importance import Magnitude, get_criterion
+
+    model = _attention_block()
+    x = random_inputs(model, batch=8, seed=0)
+    analysis = Analysis(model)
+    expected = Magnitude()(analysis)["mha:heads"]
+    scores = get_criterion("activation").set_data(model, x)(analysis)
+    np.testing.assert_allclose(scores["mha:heads"], expected)
+    plan = kr.select_channels(analysis, scores, sparsity=0.5)
+    small = kr.rebuild(model, plan)
+    assert small.get_layer("mha").get_config()["num_heads"] == 2
+
+
+def test_report_counts_the_macs_of_removed_heads():
+    model = _attention_block()
+
+    def kill_two_heads(ws):
+        ws[4][:, 1:3, :] = 0.0
+        ws[5][1:3, :] = 0.0
+        return ws
+
+    _set(model, "mha", kill_two_heads)
+    _, report = kr.rebuild(model, return_report=True)
+    row = [r for r in report.layers if r.name == "mha"][0]
+    _, twin = kr.rebuild(_attention_block(heads=2), return_report=True)
+    twin_row = [r for r in twin.layers if r.name == "mha"][0]
+    assert row.macs_after == twin_row.macs_before < row.macs_before

@@ -110,9 +110,10 @@ class MultiHeadAttentionHandler(LayerHandler):
             config["output_shape"] = int(n_out)
         return config
 
-    def macs(self, layer, op, graph, n_in, n_out):
+    def macs(self, layer, op, graph, n_in, n_out, internal=None):
         (qk, _), (_, _), (vk, _), _ = _split(layer, layer.weights)
         heads, key_dim, value_dim = qk.shape[1], qk.shape[2], vk.shape[2]
+        heads = int((internal or {}).get("heads", heads))
         t_q = spatial_size(graph.tensors[op.inputs[0]].shape)
         t_v = spatial_size(graph.tensors[op.inputs[min(1, len(op.inputs) - 1)]].shape)
         d_q, d_v = qk.shape[0], vk.shape[0]

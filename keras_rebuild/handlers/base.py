@@ -150,7 +150,10 @@ class LayerHandler:
         ]
 
     def macs(self, layer, op, graph, n_in: int, n_out: int) -> int:
-        """Multiply-accumulates of one call with ``n_in``/``n_out`` channels."""
+        """Multiply-accumulates of one call with ``n_in``/``n_out`` channels.
+
+        Handlers with ``internal_channels`` also receive ``internal`` (name -> count).
+        """
         return 0
 
 
