@@ -51,7 +51,8 @@ def recurrent_model(bidirectional=False):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("bidirectional", [
+    False, pytest.param(True, marks=pytest.mark.skipif(BACKEND == "jax", reason="the TensorFlow path again; time"))])
 def test_lstm_and_gru_export_with_a_static_batch_of_one_and_verify(bidirectional):
     model = recurrent_model(bidirectional)
     result = export_tflite(model)
@@ -267,6 +268,7 @@ def _siamese():
     return keras.Model([a, b], dist, name="siamese")
 
 
+@pytest.mark.skipif(BACKEND == "jax", reason="the same verification code as on every backend; six conversions")
 def test_tolerance_is_relative_to_the_cancellation_inside_the_model(monkeypatch):
     from keras_rebuild.data import digits_cnn
 
@@ -369,6 +371,7 @@ def test_unknown_sizes_come_from_sample_inputs():
     assert result.verification.passed and result.verification.num_samples == 3
 
 
+@pytest.mark.skipif(BACKEND == "jax", reason="the same subprocess path as the sample_inputs test; time")
 def test_unknown_sizes_come_from_representative_data_and_must_agree_with_sample_inputs():
     model = _unet()
     result = export_tflite(model, representative_data=_normal((4, 8, 8, 3)))

@@ -13,6 +13,11 @@ float I/O for int8 files). This module holds the LiteRT runner, verification,
 the benchmarks and ``export_tflite`` itself. TensorFlow is imported only by the
 paths that need it (tf_keras models, Keras 3 on the TensorFlow backend, the
 converter's options).
+
+Failures are our errors: ``FlexOpError`` / ``ConversionError`` when the
+converter refuses the model (naming the op and layer), ``LiteRTRuntimeError``
+when the file fails in the interpreter, ``StochasticModelError`` when the
+Keras model itself is random, ``VerificationError`` when the outputs differ.
 """
 from __future__ import annotations
 
