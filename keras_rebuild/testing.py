@@ -383,7 +383,7 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
         kinds = ["conv", "conv", "conv", "dense", "bn", "bn", "activation", "residual", "residual", "concat",
                  "group_norm"]
         if has_img:
-            kinds += ["squeeze_excite", "depthwise", "separable", "conv_transpose", "pool", "zero_padding",
+            kinds += ["squeeze_excite", "depthwise", "separable", "conv_transpose", "pool", "zero_padding", "attention",
                       "upsampling", "gap_head", "flatten_head"]
         if has_img and allow_nested and nested_ok:
             kinds.append("nested")
@@ -463,6 +463,11 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
             reduce_layer = draw(st.sampled_from(["conv", "dense"]))
             p = dict(channels=c, reduced=r, layer=reduce_layer, use_bias=draw(st.booleans()))
             add("squeeze_excite", p, [t], (h, w, c))
+        elif kind == "attention":  # self-attention over the pixels: heads are internal channels
+            t = _pick(draw, st, shapes, _img)
+            p = dict(num_heads=draw(st.integers(1, 3)), key_dim=draw(st.sampled_from([2, 4])),
+                     use_bias=draw(st.booleans()))
+            add("attention", p, [t], shapes[t])
         elif kind == "depthwise":
             t = _pick(draw, st, shapes, _img)
             h, w, c = shapes[t]
@@ -595,6 +600,8 @@ def build_model(spec: dict, seed: int = 0, name: str = "fuzz", keras=None):
                 s = L.Dense(r, use_bias=p["use_bias"], activation="relu", name=uname("se_reduce"))(s)
                 s = L.Dense(c, use_bias=p["use_bias"], activation="sigmoid", name=uname("se_expand"))(s)
             y = L.Multiply(name=uname("se_scale"))([x, s])
+        elif kind == "attention":
+            y = L.MultiHeadAttention(p["num_heads"], p["key_dim"], use_bias=p["use_bias"], name=uname("mha"))(x, x)
         elif kind == "depthwise":
             y = L.DepthwiseConv2D(3, depth_multiplier=p["depth_multiplier"], padding="same", use_bias=p["use_bias"],
                                   activation=p["activation"], name=uname("dwconv"))(x)
