@@ -392,7 +392,8 @@ def cmd_export(args) -> int:
     quantize = None if args.quantize == "float32" else args.quantize
     result = export_tflite(model, args.output, quantize=quantize, representative_data=calibration,
                            int8_io=args.int8_io, overwrite=args.force, verify=not args.no_verify,
-                           atol=args.atol, rtol=args.rtol)
+                           atol=args.atol, rtol=args.rtol, ctol=args.ctol, batch_size=args.batch_size,
+                           unroll_rnn=args.unroll_rnn, select_tf_ops=args.select_tf_ops)
     print(result)
     return 0
 
@@ -575,6 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="absolute verification tolerance (default: per mode, 1e-6 for float32)")
     p.add_argument("--rtol", type=_non_negative, default=None,
                    help="verification tolerance relative to the output scale (default: per mode, 1e-4 for float32)")
+    p.add_argument("--ctol", type=_non_negative, default=None,
+                   help="verification tolerance as a multiple of each output's float round-off "
+                        "(default: per mode, 20 for float32)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="static batch of the file (default: dynamic; 1 for recurrent models)")
+    p.add_argument("--unroll-rnn", action="store_true",
+                   help="unroll recurrent layers (needs a fixed number of time steps) to keep a dynamic batch")
+    p.add_argument("--select-tf-ops", action="store_true",
+                   help="allow TensorFlow (Flex) ops the built-in LiteRT ops lack; phones then need the Flex "
+                        "delegate, and such files cannot be verified here (use with --no-verify)")
     p.add_argument("--no-verify", action="store_true", help="skip comparing LiteRT with Keras")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(func=cmd_export)

@@ -353,3 +353,19 @@ def test_bench_android_runs_litert_cli_per_file_and_needs_it_on_path(tmp_path, m
 ])
 def test_quiet_mode_drops_tensorflow_and_quantizer_noise_only(line, noise):
     assert bool(cli._LOG_LINE.match(line)) == noise
+
+
+def test_export_of_a_recurrent_model_takes_a_static_batch_and_reads_the_file_options(tmp_path, capsys):
+    from ai_edge_litert.interpreter import Interpreter
+
+    inp = keras.Input((5, 3))
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.LSTM(4)(inp)))
+    path = str(tmp_path / "lstm.keras")
+    model.save(path)
+    out = str(tmp_path / "lstm.tflite")
+    assert cli.main(["export", path, "-o", out, "--batch-size", "2", "--ctol", "50"]) == 0
+    assert "ctol=50" in capsys.readouterr().out  # verified with the tolerance given
+    shape = Interpreter(model_path=out).get_input_details()[0]["shape"]
+    assert list(shape) == [2, 5, 3]
+    assert cli.main(["export", path, "-o", out, "--force", "--batch-size", "0"]) == 2
+    assert "--batch-size" in one_error_line(capsys)
