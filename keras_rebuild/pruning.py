@@ -377,6 +377,46 @@ class WrapperHandler(LayerHandler):
         handler.connect(ctx, op)
 
 
+def mask_sizes(weights, roles, multiplier: int, c_in, c_out):
+    """``(input channels, output channels)`` of a wrapper's masks, from the weights' roles where unknown."""
+    from keras_rebuild.handlers import resolve_role
+
+    for w, r in zip(weights, roles):
+        for axis, role in r.items():
+            source, index = resolve_role(role, multiplier, int(w.shape[axis]))
+            n = int(w.shape[axis]) if index is None else (int(index.max()) + 1 if len(index) else 0)
+            if source == "out" and c_out is None:
+                c_out = n
+            if source == "in" and c_in is None:
+                c_in = n
+    return c_in, c_out
+
+
+def internal_slices(handler, layer) -> Dict[str, tuple]:
+    """``name -> (start, size)`` of a layer's internal channels (heads) in the wrapper's one internal mask."""
+    slices, start = {}, 0
+    for name, n in (handler.internal_channels(layer) if handler is not None else {}).items():
+        slices[name] = (start, int(n))
+        start += int(n)
+    return slices
+
+
+def split_internal(mask: np.ndarray, slices: Dict[str, tuple]) -> Dict[str, np.ndarray]:
+    """The wrapper's internal mask (float) as ``name -> boolean keep mask``."""
+    keep = np.asarray(mask) > 0.5
+    return {name: keep[start:start + n] for name, (start, n) in slices.items()}
+
+
+def join_internal(internal: Optional[Dict[str, np.ndarray]], slices: Dict[str, tuple]) -> np.ndarray:
+    """``name -> keep mask`` as the wrapper's one float internal mask (names not given stay kept)."""
+    full = np.ones(sum(n for _, n in slices.values()), np.float32)
+    for name, (start, n) in slices.items():
+        keep = (internal or {}).get(name)
+        if keep is not None and len(keep) == n:
+            full[start:start + n] = np.asarray(keep, np.float32)
+    return full
+
+
 class Runtime:
     """Python objects shared by the wrappers of one ``prune_channels`` call (not saved)."""
 

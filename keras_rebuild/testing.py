@@ -384,6 +384,7 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
                  "group_norm"]
         if has_img:
             kinds += ["squeeze_excite", "depthwise", "separable", "conv_transpose", "pool", "zero_padding", "attention",
+                      "recurrent",
                       "upsampling", "gap_head", "flatten_head"]
         if has_img and allow_nested and nested_ok:
             kinds.append("nested")
@@ -468,6 +469,12 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
             p = dict(num_heads=draw(st.integers(1, 3)), key_dim=draw(st.sampled_from([2, 4])),
                      use_bias=draw(st.booleans()))
             add("attention", p, [t], shapes[t])
+        elif kind == "recurrent":  # the pixels as a sequence through an RNN, and back to an image
+            t = _pick(draw, st, shapes, _img)
+            h, w, _ = shapes[t]
+            p = dict(cell=draw(st.sampled_from(["SimpleRNN", "GRU", "LSTM"])), units=chan(),
+                     bidirectional=draw(st.booleans()), use_bias=draw(st.booleans()))
+            add("recurrent", p, [t], (h, w, p["units"] * (2 if p["bidirectional"] else 1)))
         elif kind == "depthwise":
             t = _pick(draw, st, shapes, _img)
             h, w, c = shapes[t]
@@ -600,6 +607,13 @@ def build_model(spec: dict, seed: int = 0, name: str = "fuzz", keras=None):
                 s = L.Dense(r, use_bias=p["use_bias"], activation="relu", name=uname("se_reduce"))(s)
                 s = L.Dense(c, use_bias=p["use_bias"], activation="sigmoid", name=uname("se_expand"))(s)
             y = L.Multiply(name=uname("se_scale"))([x, s])
+        elif kind == "recurrent":
+            h, w, c = (int(d) for d in x.shape[1:])
+            rnn = getattr(L, p["cell"])(p["units"], use_bias=p["use_bias"], return_sequences=True, name=uname("rnn"))
+            if p["bidirectional"]:
+                rnn = L.Bidirectional(rnn, name=uname("birnn"))
+            seq = rnn(L.Reshape((h * w, c), name=uname("to_sequence"))(x))
+            y = L.Reshape((h, w, int(seq.shape[-1])), name=uname("to_image"))(seq)
         elif kind == "attention":
             y = L.MultiHeadAttention(p["num_heads"], p["key_dim"], use_bias=p["use_bias"], name=uname("mha"))(x, x)
         elif kind == "depthwise":

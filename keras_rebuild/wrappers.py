@@ -59,11 +59,15 @@ from keras_rebuild.errors import (
     received,
 )
 from keras_rebuild.graph import all_layers, check_model, is_graph_model
-from keras_rebuild.handlers import LayerHandler, Role, get_handler, mask_array, register_handler, resolve_role
+from keras_rebuild.handlers import LayerHandler, get_handler, mask_array, register_handler, resolve_role
 from keras_rebuild.pruning import Runtime as _Runtime
 from keras_rebuild.pruning import WrapperHandler as _WrapperHandler
 from keras_rebuild.pruning import clone_nested as _nested_clone
 from keras_rebuild.pruning import copy_layer as _copy_layer
+from keras_rebuild.pruning import internal_slices as _internal_slices
+from keras_rebuild.pruning import mask_sizes as _mask_sizes
+from keras_rebuild.pruning import join_internal as _join_internal
+from keras_rebuild.pruning import split_internal as _split_internal
 from keras_rebuild.pruning import layer_pairs as _pairs
 from keras_rebuild.pruning import check_tfmot_only_arguments as _shared_check_tfmot_only_arguments
 from keras_rebuild.pruning import apply_plan as _apply_plan
@@ -194,20 +198,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         handler = get_handler(self.layer)
         roles = handler.weight_roles(self.layer) if handler else [{} for _ in self.layer.weights]
         m = handler.depth_multiplier(self.layer) if handler else 1
-        for w, r in zip(self.layer.weights, roles):
-            for axis, role in r.items():
-                size = int(w.shape[axis])
-                if role == "out" and c_out is None:
-                    c_out = size
-                if role == "in" and c_in is None:
-                    c_in = size
-                if role == "in*m" and c_in is None:
-                    c_in = size // max(m, 1)
-                if isinstance(role, Role) and len(role.index):
-                    if role.source == "out" and c_out is None:
-                        c_out = int(role.index.max()) + 1
-                    if role.source == "in" and c_in is None:
-                        c_in = int(role.index.max()) + 1
+        c_in, c_out = _mask_sizes(self.layer.weights, roles, m, c_in, c_out)
         agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
         self.in_channel_mask = self.add_weight(
             "in_channel_mask", shape=(int(c_in or 1),), initializer="ones", trainable=False, aggregation=agg)
@@ -217,13 +208,10 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         self.pruning_step = self.add_weight(
             "pruning_step", shape=(), dtype=tf.int64, initializer=keras.initializers.Constant(start),
             trainable=False, aggregation=agg)
-        internal = handler.internal_channels(self.layer) if handler else {}
-        slices, start = {}, 0
-        for name, n in internal.items():
-            slices[name] = (start, int(n))
-            start += int(n)
+        slices = _internal_slices(handler, self.layer)
         object.__setattr__(self, "_internal", slices)
         if slices:  # attention heads: one mask over every internal channel set
+            start = sum(n for _, n in slices.values())
             self.internal_channel_mask = self.add_weight(
                 "internal_channel_mask", shape=(start,), initializer="ones", trainable=False, aggregation=agg)
         self._plan_masking(handler, roles, m)
@@ -356,8 +344,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         """``name -> boolean keep mask`` of the layer's internal channels (attention heads)."""
         if not self._internal:
             return {}
-        mask = np.asarray(keras.backend.get_value(self.internal_channel_mask)) > 0.5
-        return {name: mask[start:start + n] for name, (start, n) in self._internal.items()}
+        return _split_internal(keras.backend.get_value(self.internal_channel_mask), self._internal)
 
     def assign_masks(self, keep_in, keep_out, internal=None):
         """Set the masks from boolean keep arrays and zero the pruned weights."""
@@ -367,12 +354,7 @@ class StructuredPruningWrapper(keras.layers.Wrapper):
         self.in_channel_mask.assign(np.asarray(keep_in, np.float32).reshape(self.in_channel_mask.shape))
         self.out_channel_mask.assign(np.asarray(keep_out, np.float32).reshape(self.out_channel_mask.shape))
         if self._internal:
-            full = np.ones(self.internal_channel_mask.shape, np.float32)
-            for name, (start, n) in self._internal.items():
-                keep = (internal or {}).get(name)
-                if keep is not None and len(keep) == n:
-                    full[start:start + n] = np.asarray(keep, np.float32)
-            self.internal_channel_mask.assign(full)
+            self.internal_channel_mask.assign(_join_internal(internal, self._internal))
         self._zero_pruned_weights()
 
     def _zero_pruned_weights(self):
