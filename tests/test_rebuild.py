@@ -384,7 +384,6 @@ class NeedsConfigFile(keras.Model):
         super().__init__(*args, **kwargs)
 
 
-@pytest.mark.skipif(keras.__name__ != "tf_keras", reason="tf_keras back-end: a failing constructor is noted")
 def test_rebuild_of_a_functional_subclass_whose_constructor_fails_is_a_plain_functional_and_says_why():
     inp, out = _sr_graph()
     model, expected = _masked_in_place(NeedsConfigFile(inp, out, config_file="sr.json", name="needs"))

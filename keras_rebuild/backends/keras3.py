@@ -364,7 +364,15 @@ class _Rebuilder:
                     "with the same layers")
             new = Functional(structure, outputs, name=model.name)
         else:
-            new = type(model)(structure, outputs, name=model.name)
+            try:
+                new = type(model)(structure, outputs, name=model.name)
+            except Exception as exc:  # noqa: BLE001 - a constructor that cannot take (inputs, outputs)
+                message = " ".join(str(exc).split())[:200]
+                self.notes.append(
+                    f"'{prefix + model.name}' is a {type(model).__name__}, whose constructor failed on (inputs, "
+                    f"outputs) ({type(exc).__name__}: {message}): it comes back as a plain Functional model with "
+                    "the same layers")
+                new = Functional(structure, outputs, name=model.name)
         new.trainable = model.trainable
         return new
 
