@@ -366,6 +366,11 @@ class WrapperHandler(LayerHandler):
 
     kind = "tied"
 
+    def internal_channels(self, layer):
+        inner = layer.layer
+        handler = get_handler(inner)
+        return handler.internal_channels(inner) if handler is not None else {}
+
     def connect(self, ctx, op):
         inner = op.layer.layer
         handler = get_handler(inner) or LayerHandler()

@@ -311,3 +311,18 @@ def test_report_counts_the_macs_of_removed_heads():
     _, twin = kr.rebuild(_attention_block(heads=2), return_report=True)
     twin_row = [r for r in twin.layers if r.name == "mha"][0]
     assert row.macs_after == twin_row.macs_before < row.macs_before
+
+
+def test_a_pruning_schedule_prunes_attention_heads_of_the_wrapped_model():
+    model = _attention_block()
+    schedule = kr.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=2, frequency=1)
+    pruned = kr.prune_channels(model, pruning_schedule=schedule)
+    assert "mha:heads" in [g.name for g in Analysis(pruned).groups]  # the wrapped model's own analysis
+    pruned.compile("adam", "mse")
+    x = random_inputs(model, batch=8, seed=2)
+    pruned.fit(x, np.zeros((8, 3), "float32"), epochs=4, batch_size=4, verbose=0,
+               callbacks=[kr.UpdatePruningStep()])
+    stripped = kr.strip_pruning(pruned)
+    small = kr.rebuild(stripped)
+    assert small.get_layer("mha").get_config()["num_heads"] == 2
+    assert max_relative_error(stripped, small, x[:4]) <= TOL
