@@ -98,6 +98,16 @@ def _message(ops: Sequence[str], layers: Sequence[str], what: str, flex: bool = 
     )
 
 
+def _tensor_names(sg, op):
+    """Names of an operator's output tensors, then of its input tensors."""
+    names = []
+    for t in list(op.outputs) + list(op.inputs):
+        if 0 <= t < len(sg.tensors):
+            name = sg.tensors[t].name
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+    return names
+
+
 def _custom_ops(model):
     """``[(op name, [tensor names])]`` of every custom (Flex included) op of every subgraph."""
     schema_fb, fb = _schema()
@@ -107,12 +117,7 @@ def _custom_ops(model):
             code = model.operatorCodes[op.opcodeIndex]
             if fb.get_builtin_code_from_operator_code(code) != schema_fb.BuiltinOperator.CUSTOM:
                 continue
-            where = []
-            for t in list(op.outputs) + list(op.inputs):
-                if 0 <= t < len(sg.tensors):
-                    tname = sg.tensors[t].name
-                    where.append(tname.decode() if isinstance(tname, bytes) else str(tname))
-            found.append((_op_name(model, op.opcodeIndex), where))
+            found.append((_op_name(model, op.opcodeIndex), _tensor_names(sg, op)))
     return found
 
 
@@ -206,11 +211,7 @@ def layer_at_node(content: bytes, node: int, layer_names: Iterable[str] = (), op
         found = ops[node]
         if op is not None and _op_name(model, found.opcodeIndex) != op:
             continue
-        names = []
-        for t in list(found.outputs) + list(found.inputs):
-            if 0 <= t < len(sg.tensors):
-                tname = sg.tensors[t].name
-                names.append(tname.decode() if isinstance(tname, bytes) else str(tname))
+        names = _tensor_names(sg, found)
         # The op's outputs first: its inputs may come from the layer before.
         for group in (names[: len(found.outputs)], names):
             layers = _layers_in(" ".join("/" + n for n in group), layer_names)
