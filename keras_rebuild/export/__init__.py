@@ -1066,30 +1066,29 @@ def _unrolled_copy(model, specs):
 
 
 def _graph_tensors(model) -> Tuple[List[Any], List[str]]:
-    """Every layer output of a functional (or Sequential) model, inputs first, with its layer's name."""
-    graph = getattr(model, "_functional", None) or model
-    by_depth = getattr(graph, "_nodes_by_depth", None)
-    if not by_depth or not getattr(model, "inputs", None):
+    """Every float layer output of a functional (or Sequential) model's own graph, in order, with its layer's name.
+
+    A nested model counts as one layer (its outputs); what is inside it cannot be a model output here.
+    """
+    from keras_rebuild.errors import KerasRebuildError
+    from keras_rebuild.graph import Graph, is_graph_model
+
+    if not is_graph_model(model):
         return [], []
-    if _flavour(model) == "keras3":
-        import keras
-
-        flatten = keras.tree.flatten
-    else:
-        from keras_rebuild._compat import tf
-
-        flatten = tf.nest.flatten
+    try:
+        graph = Graph(model)
+    except KerasRebuildError:
+        return [], []
     tensors, names = [], []
-    for depth in sorted(by_depth, reverse=True):
-        for node in by_depth[depth]:
-            layer = getattr(node, "operation", None) or getattr(node, "layer", None)
-            if layer is None or type(layer).__name__ == "InputLayer":
-                continue
-            for t in flatten(node.outputs):
-                dtype = str(getattr(t, "dtype", ""))
-                if "float" in dtype:
-                    tensors.append(t)
-                    names.append(layer.name)
+    for op in graph.ops:
+        top_level = "/" not in op.path and op.kind in ("layer", "link_out")
+        if not top_level:
+            continue
+        for t in op.outputs:
+            info = graph.tensors[t]
+            if "float" in str(info.dtype) and getattr(info, "_ref", None) is not None:
+                tensors.append(info._ref)
+                names.append(op.path)
     return tensors, names
 
 
