@@ -326,3 +326,16 @@ def test_a_pruning_schedule_prunes_attention_heads_of_the_wrapped_model():
     small = kr.rebuild(stripped)
     assert small.get_layer("mha").get_config()["num_heads"] == 2
     assert max_relative_error(stripped, small, x[:4]) <= TOL
+
+
+def test_group_norm_without_weights_keeps_its_group_size():
+    inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(12, 3, padding="same", name="conv")(inp)
+    x = L.GroupNormalization(groups=4, center=False, scale=False, name="gn")(x)
+    model = randomize_weights(keras.Model(inp, L.Conv2D(2, 1)(x)), seed=2)
+    _set(model, "conv", lambda ws: [np.where(np.arange(12) < 3, 0.0, ws[0]).astype("float32"),
+                                    np.where(np.arange(12) < 3, 0.0, ws[1]).astype("float32")])
+    small = kr.rebuild(model)
+    assert small.get_layer("gn").get_config()["groups"] == 3  # groups of 3 channels, one group gone
+    x = random_inputs(model, batch=2, seed=1)
+    assert max_relative_error(model, small, x) <= TOL

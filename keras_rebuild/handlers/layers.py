@@ -291,10 +291,17 @@ class GroupNormHandler(TiedHandler):
     def weight_roles(self, layer):
         return [{0: "in"} for _ in layer.weights]
 
+    def _channels(self, layer) -> int:
+        """The layer's own channel count (its weights', else its built input spec's)."""
+        if layer.weights:
+            return int(layer.weights[0].shape[0])
+        axes = getattr(getattr(layer, "input_spec", None), "axes", None) or {}
+        return int(next(iter(axes.values())))
+
     def update_config(self, layer, config, n_in, n_out):
         config = dict(config)
         if config.get("groups", -1) != -1:
-            size = self._group_size(layer, int(layer.weights[0].shape[0]) if layer.weights else n_in)
+            size = self._group_size(layer, self._channels(layer))
             config["groups"] = int(n_in // size)
         return config
 
