@@ -112,6 +112,16 @@ def config_of(layer, path: str) -> dict:
         ) from None
 
 
+def plain_functional_note(name: str, cls: type, exc: BaseException = None) -> str:
+    """The report's note when a Functional subclass comes back as a plain Functional (both flavours)."""
+    if exc is None:
+        why = "a Functional subclass whose constructor takes other arguments than (inputs, outputs)"
+    else:
+        message = " ".join(str(exc).split())[:200]
+        why = f"whose constructor failed on (inputs, outputs) ({type(exc).__name__}: {message})"
+    return f"'{name}' is a {cls.__name__}, {why}: it comes back as a plain Functional model with the same layers"
+
+
 def leaves(x):
     """The leaves of nested lists, tuples and dict values (the arguments of a layer call)."""
     if isinstance(x, (list, tuple)):

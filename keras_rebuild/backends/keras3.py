@@ -17,7 +17,14 @@ from keras.src import tree
 from keras.src.models.functional import Functional, functional_like_constructor
 from keras.src.saving import serialization_lib
 
-from keras_rebuild.backends import check_all_set, config_of, leaves, model_errors, probe_shape
+from keras_rebuild.backends import (
+    check_all_set,
+    config_of,
+    leaves,
+    model_errors,
+    plain_functional_note,
+    probe_shape,
+)
 from keras_rebuild.graph import Op
 from keras_rebuild.handlers import builtin
 
@@ -358,20 +365,13 @@ class _Rebuilder:
         outputs = fn._run_through_graph(structure, operation_fn=lambda op: self.layer(op, prefix + op.name))
         if type(model) is Functional or not functional_like_constructor(type(model)):
             if type(model) is not Functional:
-                self.notes.append(
-                    f"'{prefix + model.name}' is a {type(model).__name__}, a Functional subclass whose constructor "
-                    "takes other arguments than (inputs, outputs): it comes back as a plain Functional model "
-                    "with the same layers")
+                self.notes.append(plain_functional_note(prefix + model.name, type(model)))
             new = Functional(structure, outputs, name=model.name)
         else:
             try:
                 new = type(model)(structure, outputs, name=model.name)
             except Exception as exc:  # noqa: BLE001 - a constructor that cannot take (inputs, outputs)
-                message = " ".join(str(exc).split())[:200]
-                self.notes.append(
-                    f"'{prefix + model.name}' is a {type(model).__name__}, whose constructor failed on (inputs, "
-                    f"outputs) ({type(exc).__name__}: {message}): it comes back as a plain Functional model with "
-                    "the same layers")
+                self.notes.append(plain_functional_note(prefix + model.name, type(model), exc))
                 new = Functional(structure, outputs, name=model.name)
         new.trainable = model.trainable
         return new

@@ -12,7 +12,7 @@ import numpy as np
 
 from keras_rebuild._compat import keras, tf
 from keras_rebuild.graph import Op
-from keras_rebuild.backends import check_all_set, config_of, model_errors, probe_shape
+from keras_rebuild.backends import check_all_set, config_of, model_errors, plain_functional_note, probe_shape
 from keras_rebuild.handlers import builtin
 
 NAME = "tf_keras"
@@ -273,18 +273,13 @@ def _functional_subclass(cls, config, notes):
     spec = tf_inspect.getfullargspec(cls.__init__)
     functional_args = tf_inspect.getfullargspec(functional.Functional.__init__).args[1:]
     if spec.args[1:] != functional_args and (spec.varargs is None or spec.varkw is None):
-        notes.append(f"'{config.get('name')}' is a {cls.__name__}, a Functional subclass whose constructor takes "
-                     "other arguments than (inputs, outputs): it comes back as a plain Functional model with the "
-                     "same layers")
+        notes.append(plain_functional_note(config.get("name"), cls))
         return None
     inputs, outputs, layers = functional.reconstruct_from_config(config)
     try:
         new = cls(inputs, outputs, name=config.get("name"))
     except Exception as exc:  # noqa: BLE001 - a constructor that cannot take (inputs, outputs): plain Functional
-        message = " ".join(str(exc).split())[:200]
-        notes.append(f"'{config.get('name')}' is a {cls.__name__}, whose constructor failed on (inputs, outputs) "
-                     f"({type(exc).__name__}: {message}): it comes back as a plain Functional model with the "
-                     "same layers")
+        notes.append(plain_functional_note(config.get("name"), cls, exc))
         return None
     functional.connect_ancillary_layers(new, layers)
     return new
