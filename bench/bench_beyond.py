@@ -24,7 +24,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ["vae_decoder", "cyclegan_generator", "patchgan_discriminator", "text_classifier", "vit",
-          "inception_resnet_v2", "resnet50", "mobilenetv2"]
+          "vit_keras_io", "convnext_tiny", "inception_resnet_v2", "resnet50", "mobilenetv2"]
 COMPARABLE = ("resnet50", "mobilenetv2")
 
 
@@ -35,6 +35,7 @@ def _builders(keras):
     builders = {name: getattr(bm, name) for name in MODELS if hasattr(bm, name)}
     builders["resnet50"] = lambda k: k.applications.ResNet50(weights=None, input_shape=(64, 64, 3))
     builders["mobilenetv2"] = lambda k: k.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3))
+    builders["convnext_tiny"] = lambda k: k.applications.ConvNeXtTiny(weights=None, input_shape=(64, 64, 3))
     return bm, builders
 
 
@@ -59,7 +60,7 @@ def measure(flavour, models, top):
         model = builders[name](keras)
         stripped = kr.strip_pruning(kr.prune_channels(model, sparsity=0.5))
         small, report = kr.rebuild(stripped, return_report=True)
-        x = bm.vit_inputs(model, batch=2) if name == "vit" else random_inputs(model, batch=2, seed=1)
+        x = bm.vit_inputs(model, batch=2) if name.startswith("vit") else random_inputs(model, batch=2, seed=1)
         abs_err = rel_err = 0.0
         for a, b in zip(predict(stripped, x), predict(small, x)):
             diff = float(np.max(np.abs(a - b)))

@@ -143,6 +143,12 @@ def vit(keras, size: int = 32, patch: int = 8, dim: int = 32, heads: int = 4, ke
     return keras.Model([image, positions], out, name="vit")
 
 
+def vit_keras_io(keras):
+    """keras-io's ViT at its own size: 72 px, patch 6, dim 64, 8 blocks of 4 heads (key_dim 64), head 2048/1024."""
+    return vit(keras, size=72, patch=6, dim=64, heads=4, key_dim=64, blocks=8, head_units=(2048, 1024),
+               classes=100)
+
+
 def vit_inputs(model, batch: int = 4, seed: int = 0):
     """Random images and the patch positions ``0 .. patches-1`` (what keras-io's PatchEncoder feeds)."""
     import numpy as np

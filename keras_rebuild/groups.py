@@ -106,6 +106,7 @@ class Analysis:
         self.zero_required: List[int] = []  # tensors whose channels go only when zero
         self._connect()
         self._components()
+        self._check_selections()
         self._forward_zero()
         self._groups()
 
@@ -200,6 +201,45 @@ class Analysis:
         adj = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
         self.num_components, self.labels = connected_components(adj, directed=False)
         self.comp_blocked = np.bincount(self.labels, weights=self.blocked, minlength=self.num_components) > 0
+
+    def _check_selections(self):
+        """Keep the output channels of a layer that can drop them only through a selection after it
+        (LayerNormalization), unless the selection costs fewer weights than its readers lose.
+
+        The selection keeps the layer's ``C`` outputs and costs ``C`` weights per kept channel; each
+        removed channel saves what the kernels reading it spend on it.
+        """
+        from keras_rebuild.handlers.base import resolve_role
+
+        changed = False
+        for op, t in self.write_log:
+            if not getattr(op.handler, "selects_outputs", False) or self.comp_blocked[self.labels[self.elements(t)]].all():
+                continue
+            comps = np.unique(self.labels[self.elements(t)])
+            spent, seen = 0.0, set()
+            for reader, pos, rt in self.read_log:
+                if (reader.path, pos) in seen:
+                    continue
+                n = int(np.isin(self.labels[self.elements(rt)], comps).sum())
+                if not n:
+                    continue
+                seen.add((reader.path, pos))
+                weights = self.weights.get(reader.path, [])
+                roles = reader.handler.weight_roles(reader.layer)
+                reads_input = [any(resolve_role(role, 1, 1)[0] == "in" for role in r.values()) for r in roles]
+                per_input = sum(np.size(w) for w, r in zip(weights, reads_input) if r) / max(self.channels(rt), 1)
+                spent += n * per_input
+            channels = self.channels(t)
+            per_channel = spent / max(channels, 1)
+            if per_channel <= channels:
+                self.blocked[self.elements(t)] = True
+                self.block_log.append((t, (
+                    f"dropping output channels of {type(op.layer).__name__} '{op.layer.name}' needs a selection "
+                    f"after it ({channels} weights per kept channel) that costs more than the layers reading "
+                    f"them spend ({per_channel:.0f} weights per channel)"), op.path))
+                changed = True
+        if changed:
+            self.comp_blocked = np.bincount(self.labels, weights=self.blocked, minlength=self.num_components) > 0
 
     def _forward_zero(self):
         g = self.graph

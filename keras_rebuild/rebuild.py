@@ -225,10 +225,14 @@ def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = 
     """Per layer: the new config and sliced weights for ``kept`` channels, and the cost rows.
 
     Returns:
-        ``(new_configs, new_weights, layer_reports, macs_before, macs_after)``;
-        with ``build=False`` only the reports and MACs are computed.
+        ``(new_configs, new_weights, layer_reports, macs_before, macs_after, selections)``;
+        with ``build=False`` only the reports and MACs are computed. ``selections``
+        maps a layer path to ``(selection layer name, kept output indices)`` for a
+        layer that keeps its width and is followed by a one-hot selection
+        (LayerNormalization); the selection's kernel is in ``new_weights``.
     """
     g = analysis.graph
+    selections: Dict[str, Tuple[str, np.ndarray]] = {}
     new_configs: Dict[str, dict] = {}
     new_weights: Dict[str, List[np.ndarray]] = {}
     layer_reports: List[LayerReport] = []
@@ -278,14 +282,40 @@ def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = 
                 params_after=int(sum(np.size(w) for w in sliced)),
                 macs_before=int(m_before), macs_after=int(m_after),
             ))
-    return new_configs, new_weights, layer_reports, int(macs_before), int(macs_after)
+        if getattr(handler, "selects_outputs", False) and len(k_out) < c_out:
+            name = _free_name(g, path, layer.name + "_select")
+            selections[path] = (name, k_out)
+            sel_path = path[: len(path) - len(layer.name)] + name
+            kernel = np.zeros((c_out, len(k_out)), np.asarray(weights[0]).dtype if weights else np.float32)
+            kernel[k_out, np.arange(len(k_out))] = 1
+            new_weights[sel_path] = [kernel]
+            positions = [int(np.prod([d or 1 for d in g.tensors[o.outputs[0]].shape[1:-1]])) for o in ops]
+            sel_macs = sum(positions) * c_out * len(k_out)
+            macs_after += sel_macs
+            layer_reports.append(LayerReport(
+                name=sel_path, class_name="Dense", in_before=0, in_after=c_out, out_before=0,
+                out_after=len(k_out), params_before=0, params_after=int(kernel.size),
+                macs_before=0, macs_after=int(sel_macs),
+            ))
+    return new_configs, new_weights, layer_reports, int(macs_before), int(macs_after), selections
+
+
+def _free_name(graph, path, name):
+    """``name``, or ``name_1``, ``name_2``... whichever no layer next to ``path`` already has."""
+    prefix = path[: path.rfind("/") + 1]
+    taken = {p[len(prefix):] for p in graph.layers if p.startswith(prefix)}
+    candidate, i = name, 0
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
 
 
 def cost_report(analysis: Analysis, remove: Optional[np.ndarray] = None) -> RebuildReport:
     """The report ``rebuild`` would give for ``remove`` (default: nothing), without building."""
     if remove is None:
         remove = np.zeros(analysis.num_components, bool)
-    _, new_weights, rows, mb, ma = slice_layers(analysis, analysis.kept_indices(remove), build=False)
+    _, new_weights, rows, mb, ma, _ = slice_layers(analysis, analysis.kept_indices(remove), build=False)
     return _report(analysis, remove, new_weights, rows, mb, ma)
 
 
@@ -301,7 +331,7 @@ def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
     """Build the smaller model for a removal decision (``remove``: bool per component)."""
     g = analysis.graph
     kept = analysis.kept_indices(remove)
-    new_configs, new_weights, layer_reports, macs_before, macs_after = slice_layers(analysis, kept)
+    new_configs, new_weights, layer_reports, macs_before, macs_after, selections = slice_layers(analysis, kept)
     # Inputs of nested models change shape with the tensors that feed them.
     input_shapes: Dict[str, tuple] = {}
     for path, sub in g.models.items():
@@ -311,7 +341,7 @@ def rebuild_from_analysis(analysis: Analysis, remove: np.ndarray):
             t = g.tensor_id(kt)
             shape = g.tensors[t].shape
             input_shapes[path + "/" + name] = tuple(shape[:-1]) + (len(kept[t]),)
-    new_model, notes = g.backend.build(g.model, new_configs, input_shapes, new_weights)
+    new_model, notes = g.backend.build(g.model, new_configs, input_shapes, new_weights, selections)
     report = _report(analysis, remove, new_weights, layer_reports, macs_before, macs_after)
     report.notes = list(notes)
     return new_model, report

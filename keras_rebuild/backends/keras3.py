@@ -323,11 +323,28 @@ def scope():
 class _Rebuilder:
     """Re-runs a model's graph, giving every layer a new instance from its (new) config."""
 
-    def __init__(self, new_configs, input_shapes):
+    def __init__(self, new_configs, input_shapes, selections=None):
         self.new_configs = new_configs
         self.input_shapes = input_shapes
+        self.selections = selections or {}
         self.cache = {}
         self.notes = []
+
+    def call(self, layer, path):
+        """What to call for ``layer``: its new instance, followed by its selection if it has one."""
+        new = self.layer(layer, path)
+        if path not in self.selections:
+            return new
+        select = self.selection(layer, path)
+        return lambda *args, **kwargs: select(new(*args, **kwargs))
+
+    def selection(self, layer, path):
+        key = ("select", id(layer))
+        if key not in self.cache:
+            name, kept = self.selections[path]
+            self.cache[key] = keras.layers.Dense(len(kept), use_bias=False, trainable=False, name=name,
+                                                 dtype=layer.dtype_policy)
+        return self.cache[key]
 
     def layer(self, layer, path):
         if id(layer) in self.cache:
@@ -360,9 +377,11 @@ class _Rebuilder:
                                    trainable=model.trainable)
             for layer in model.layers:
                 new.add(self.layer(layer, prefix + layer.name))
+                if prefix + layer.name in self.selections:
+                    new.add(self.selection(layer, prefix + layer.name))
             return new
         structure = tree.pack_sequence_as(fn._inputs_struct, inputs)
-        outputs = fn._run_through_graph(structure, operation_fn=lambda op: self.layer(op, prefix + op.name))
+        outputs = fn._run_through_graph(structure, operation_fn=lambda op: self.call(op, prefix + op.name))
         if type(model) is Functional or not functional_like_constructor(type(model)):
             if type(model) is not Functional:
                 self.notes.append(plain_functional_note(prefix + model.name, type(model)))
@@ -377,9 +396,12 @@ class _Rebuilder:
         return new
 
 
-def build(model, new_configs, input_shapes, new_weights=None):
+def build(model, new_configs, input_shapes, new_weights=None, selections=None):
     """A new model of ``model``'s graph with the layer configs of ``new_configs`` swapped in.
 
+    A layer listed in ``selections`` (path -> ``(name, kept indices)``) is
+    followed by a frozen ``Dense`` of that name without bias, whose one-hot
+    kernel (in ``new_weights``) selects the kept channels.
     Nested models' inputs take the shapes of ``input_shapes``. The layers are
     built inside a ``StatelessScope``, so their variables are created without
     drawing random initial values; each variable is then initialised once,
@@ -391,7 +413,7 @@ def build(model, new_configs, input_shapes, new_weights=None):
     """
     from keras.src.backend.common.stateless_scope import StatelessScope
 
-    rebuilder = _Rebuilder(new_configs, input_shapes)
+    rebuilder = _Rebuilder(new_configs, input_shapes, selections)
     # The layers are the caller's own in-memory model: a Python `lambda` in a Lambda layer is
     # their code, so Keras' safe mode (meant for loading untrusted files) must not refuse it.
     with serialization_lib.SafeModeScope(False), StatelessScope(initialize_variables=False):

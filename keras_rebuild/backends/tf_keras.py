@@ -208,9 +208,12 @@ def scope():
     return contextlib.nullcontext()
 
 
-def build(model, new_configs, input_shapes, new_weights=None):
+def build(model, new_configs, input_shapes, new_weights=None, selections=None):
     """A new model from ``model``'s config with the layer configs of ``new_configs`` swapped in.
 
+    A layer listed in ``selections`` (path -> ``(name, kept indices)``) is
+    followed by a frozen ``Dense`` of that name without bias, whose one-hot
+    kernel (in ``new_weights``) selects the kept channels.
     Nested models' inputs take the shapes of ``input_shapes``; weights are set afterwards.
     Returns ``(model, notes)``; ``notes`` say what did not carry over.
     """
@@ -231,7 +234,7 @@ def build(model, new_configs, input_shapes, new_weights=None):
         for layer in all_layers(model):
             config_of(layer, layer.name)  # raises our error naming the first layer that cannot serialise
         raise
-    _edit_config(config, "", new_configs, input_shapes, top=True)
+    _edit_config(config, "", new_configs, input_shapes, top=True, selections=selections or {})
     custom = {}
     from keras_rebuild.graph import all_layers
 
@@ -291,15 +294,20 @@ def _unsafe_deserialization():
     return scope(False) if scope is not None else contextlib.nullcontext()
 
 
-def _edit_config(config, prefix, new_configs, input_shapes, top=False):
+def _edit_config(config, prefix, new_configs, input_shapes, top=False, selections=None):
+    selections = selections or {}
     layers = config.get("layers", [])
+    for entry in list(layers):
+        path = prefix + str(entry.get("config", {}).get("name"))
+        if path in selections:
+            _insert_selection(config, entry, *selections[path])
     for i, entry in enumerate(layers):
         cfg = entry.get("config", {})
         name = cfg.get("name")
         path = prefix + str(name)
         entry.pop("build_config", None)
         if "layers" in cfg:  # nested model
-            _edit_config(cfg, path + "/", new_configs, input_shapes)
+            _edit_config(cfg, path + "/", new_configs, input_shapes, selections=selections)
             continue
         if path in new_configs:
             entry["config"] = dict(new_configs[path])
@@ -313,6 +321,38 @@ def _edit_config(config, prefix, new_configs, input_shapes, top=False):
                 cfg["batch_input_shape"] = (None,) + tuple(input_shapes[key][1:])
     if not top and "build_input_shape" in config:
         config.pop("build_input_shape", None)
+
+
+def _insert_selection(config, entry, name, kept):
+    """Put a frozen one-hot ``Dense`` called ``name`` after the layer of ``entry``; its readers read it."""
+    source = entry["config"]["name"]
+    select = keras.layers.serialize(keras.layers.Dense(
+        len(kept), use_bias=False, trainable=False, name=name, dtype=entry["config"].get("dtype")))
+    select["name"] = name
+    layers = config["layers"]
+    position = layers.index(entry) + 1
+    if "inbound_nodes" not in entry:  # Sequential: the next layer reads the previous one
+        layers.insert(position, select)
+        return
+    calls = len(entry["inbound_nodes"])
+    select["inbound_nodes"] = [[[source, j, 0, {}]] for j in range(calls)]
+
+    def rewire(value):
+        if (isinstance(value, list) and len(value) in (3, 4) and value[0] == source
+                and isinstance(value[1], int) and value[2] == 0):
+            return [name] + [rewire(v) for v in value[1:]]
+        if isinstance(value, list):
+            return [rewire(v) for v in value]
+        if isinstance(value, dict):
+            return {k: rewire(v) for k, v in value.items()}
+        return value
+
+    for other in layers:
+        if other is not entry and "inbound_nodes" in other:
+            other["inbound_nodes"] = rewire(other["inbound_nodes"])
+    if "output_layers" in config:
+        config["output_layers"] = rewire(config["output_layers"])
+    layers.insert(position, select)
 
 
 def set_weights(model, new_weights, prefix="", used=None):

@@ -9,9 +9,12 @@ that no tensor carries, so the handler declares them as the layer's internal
 ``"heads"`` channels; importance criteria score them like any other group,
 and pruning masks them during training.
 
-The query, key and value inputs stay whole (in a transformer they are the
-residual stream, normalised over its channels anyway). The output projection
-writes ordinary channels, which go when they are dead.
+In self-attention (query, key and value are one tensor, ``mha(x, x)``) an
+input channel goes when it is zero or when the query, key and value kernels
+all ignore it; the output then keeps its width through ``output_shape``. In a
+pre-norm transformer that tensor is a LayerNormalization's output, whose
+channels go with zero gamma and beta. Cross-attention inputs stay whole. The
+output projection writes ordinary channels, which go when they are dead.
 """
 from __future__ import annotations
 
@@ -52,10 +55,18 @@ class MultiHeadAttentionHandler(LayerHandler):
     def internal_channels(self, layer):
         return {"heads": int(_config(layer)["num_heads"])}
 
+    @staticmethod
+    def _self_attention(op) -> bool:
+        return len(set(op.inputs)) == 1
+
     def connect(self, ctx, op):
         layer = op.layer
-        for t in op.inputs:
-            ctx.block(t, f"MultiHeadAttention '{layer.name}' reads its query, key and value whole", op.path)
+        if self._self_attention(op):
+            ctx.reads(op, op.inputs[0])
+        else:
+            for t in op.inputs:
+                ctx.block(t, f"MultiHeadAttention '{layer.name}' reads its query, key and value whole "
+                             "(they are different tensors)", op.path)
         reason = self._supported(layer)
         heads = op.internal["heads"]
         if reason:
@@ -88,12 +99,23 @@ class MultiHeadAttentionHandler(LayerHandler):
         outs = [out_zero] + [np.zeros(c, bool) for c in out_channels[1:n_out]]
         return outs + [dead]
 
+    def ignored_inputs(self, layer, weights, op):
+        """Self-attention: the input channels that the query, key and value kernels all ignore."""
+        if self._supported(layer) or not self._self_attention(op):
+            return [None for _ in op.inputs]
+        kernels = [k for k, _ in _split(layer, weights)[:3]]
+        ignored = np.logical_and.reduce([(k == 0).reshape(k.shape[0], -1).all(axis=1) for k in kernels])
+        return [ignored for _ in op.inputs]
+
     def weight_roles(self, layer):
         heads = Role("heads", np.arange(op_heads(layer)))
         with_bias = len(layer.weights) == 8
         roles = []
-        for _ in range(3):  # query, key, value: kernel (d, heads, dim), bias (heads, dim)
-            roles.append({1: heads})
+        widths = [int(layer.weights[i * (1 + with_bias)].shape[0]) for i in range(3)] if layer.weights else [0] * 3
+        for i in range(3):  # query, key, value: kernel (d, heads, dim), bias (heads, dim)
+            # A key or value of another width is cross-attention, whose inputs stay whole.
+            same = widths[i] == widths[0]
+            roles.append({0: "in", 1: heads} if same else {1: heads})
             if with_bias:
                 roles.append({0: heads})
         roles.append({0: heads, 2: "out"})  # output kernel (heads, dim, out)
@@ -106,8 +128,13 @@ class MultiHeadAttentionHandler(LayerHandler):
         if internal and "heads" in internal:
             config["num_heads"] = int(internal["heads"])
         out_dim = int(layer.weights[-1].shape[-1])
-        if n_out != out_dim:
+        in_dim = int(layer.weights[0].shape[0])
+        if n_out != out_dim or n_in != in_dim:  # by default the output takes the query's width
             config["output_shape"] = int(n_out)
+        if n_in != in_dim:  # self-attention: tf_keras keeps the shapes it was built with
+            for key in ("query_shape", "key_shape", "value_shape"):
+                if config.get(key) is not None:
+                    config[key] = list(config[key])[:-1] + [int(n_in)]
         return config
 
     def macs(self, layer, op, graph, n_in, n_out, internal=None):
@@ -117,6 +144,8 @@ class MultiHeadAttentionHandler(LayerHandler):
         t_q = spatial_size(graph.tensors[op.inputs[0]].shape)
         t_v = spatial_size(graph.tensors[op.inputs[min(1, len(op.inputs) - 1)]].shape)
         d_q, d_v = qk.shape[0], vk.shape[0]
+        if d_q == d_v and len(set(op.inputs)) == 1:  # self-attention: one input, which may shrink
+            d_q = d_v = n_in
         projections = t_q * d_q * heads * key_dim + t_v * d_v * heads * (key_dim + value_dim)
         attention = t_q * t_v * heads * (key_dim + value_dim)
         return int(projections + attention + t_q * heads * value_dim * n_out)

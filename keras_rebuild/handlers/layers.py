@@ -228,16 +228,61 @@ class BatchNormHandler(TiedHandler):
 
 @builtin_handler("LayerNormalization", "UnitNormalization")
 class LayerNormHandler(LayerHandler):
-    """Normalises over channels: removing one changes the others, so all stay."""
+    """Normalises over channels: its input channels all stay; its output channels may go.
+
+    Removing an input channel would change the statistics of the others, so the
+    input is kept whole. An *output* channel whose gamma and beta are both zero
+    is exactly zero, ``(x - mean) / std * 0 + 0``, whatever the statistics. Such
+    channels go from the layers that read them; the normalisation itself keeps
+    its full width (Keras' LayerNormalization cannot output fewer channels than
+    it reads), and the rebuilt model selects the kept channels right after it
+    with a frozen one-hot ``Dense`` without bias, ``<name>_select`` (exact: each
+    output is one input times 1 plus zeros). This pays when the readers spend
+    more weights per channel than the selection does (a transformer's MLP, the
+    ``Flatten -> Dense`` head of a ViT, ConvNeXt's pointwise expansion); when it
+    does not, the output channels stay, with that reason.
+    """
+
+    kind = "mixing"  # its output channels are a new set that it writes
+    selects_outputs = True
+    claims_outputs = True  # the blocked input does not make its outputs unknown
 
     def connect(self, ctx, op):
         rank = len(ctx.shape(op.inputs[0]))
         axes = getattr(op.layer, "axis", -1)
-        axes = axes if isinstance(axes, (list, tuple)) else [axes]
-        if (rank - 1) not in [a % rank for a in axes]:
+        axes = {a % rank for a in (axes if isinstance(axes, (list, tuple)) else [axes])}
+        if rank - 1 not in axes:
             ctx.tie(op.inputs[0], op.outputs[0])
             return
-        ctx.block_all(op, f"{type(op.layer).__name__} '{op.layer.name}' normalises over the channel axis")
+        reason = f"{type(op.layer).__name__} '{op.layer.name}' normalises over the channel axis"
+        layer = op.layer
+        writes = (axes == {rank - 1} and len(op.outputs) == 1 and bool(layer.weights)
+                  and all(tuple(w.shape) == (ctx.channels(op.outputs[0]),) for w in layer.weights))
+        if not writes:
+            ctx.block_all(op, reason)
+            return
+        ctx.block(op.inputs[0], reason, op.path)
+        ctx.writes(op, op.outputs[0])
+
+    def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        gamma = np.ones(out_channels[0], np.float32)
+        beta = np.zeros(out_channels[0], np.float32)
+        for w, var in zip(weights, layer.weights):
+            name = var.name.split("/")[-1].split(":")[0]
+            if name == "gamma":
+                gamma = w
+            elif name == "beta":
+                beta = w
+        return [(gamma == 0) & (beta == 0) if weights else np.zeros(out_channels[0], bool)]
+
+    def weight_roles(self, layer):
+        return [{0: "out"} for _ in layer.weights]
+
+    def update_config(self, layer, config, n_in, n_out):
+        return config  # full width: the selection after it drops the channels
+
+    def slice_weights(self, layer, weights, kept_in, kept_out, internal=None):
+        return list(weights)
 
 
 @builtin_handler("GroupNormalization")
