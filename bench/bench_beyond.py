@@ -4,8 +4,9 @@ Usage:
     python bench/bench_beyond.py --flavours tf_keras,keras3:tensorflow --out bench/BEYOND_RESULTS.md
 
 For each model of ``bench/beyond_models.py`` (keras-io-style VAE decoder,
-CycleGAN generator and PatchGAN discriminator, LSTM/GRU text classifier, ViT,
-and ``InceptionResNetV2``), with ``ResNet50`` and ``MobileNetV2`` as the
+CycleGAN generator and PatchGAN discriminator, LSTM/GRU text classifier, a
+small ViT and one of keras-io's size, MobileViT, ``InceptionResNetV2`` and
+``ConvNeXtTiny``), with ``ResNet50`` and ``MobileNetV2`` as the
 comparable CNNs: one-shot ``prune_channels(model, sparsity=0.5)`` (L1
 criterion), ``strip_pruning``, ``rebuild``. Reported: parameters before and
 after, their ratio, the largest ``|rebuilt - stripped|`` over random inputs
@@ -24,7 +25,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ["vae_decoder", "cyclegan_generator", "patchgan_discriminator", "text_classifier", "vit",
-          "vit_keras_io", "convnext_tiny", "inception_resnet_v2", "resnet50", "mobilenetv2"]
+          "vit_keras_io", "mobilevit", "convnext_tiny", "inception_resnet_v2", "resnet50", "mobilenetv2"]
 COMPARABLE = ("resnet50", "mobilenetv2")
 
 
@@ -45,7 +46,23 @@ def _kept_reasons(report, top):
     return [f"{g.name} ({g.channels_after}/{g.channels_before} ch): " + "; ".join(g.reasons[:2]) for g in kept[:top]]
 
 
-def measure(flavour, models, top):
+def _latency_ratio(stripped, small, x, rounds):
+    """LiteRT (1 thread, batch 1) median latency of the rebuilt model over the stripped one's, interleaved."""
+    import tempfile
+
+    import keras_rebuild as kr
+    from keras_rebuild.export import compare_latency
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for label, m in (("stripped", stripped), ("rebuilt", small)):
+            files[label] = os.path.join(tmp, label + ".tflite")
+            kr.export_tflite(m, files[label], sample_inputs=x)  # verified against Keras
+        result = compare_latency(files, num_threads=1, runs=10, rounds=rounds)
+    return result.ratios["rebuilt"], result.medians_ms["stripped"], result.medians_ms["rebuilt"]
+
+
+def measure(flavour, models, top, latency=(), rounds=5):
     """Runs inside the flavour's own process; returns one row per model."""
     import numpy as np
 
@@ -66,9 +83,12 @@ def measure(flavour, models, top):
             diff = float(np.max(np.abs(a - b)))
             abs_err = max(abs_err, diff)
             rel_err = max(rel_err, diff / max(1.0, float(np.max(np.abs(a)))))
-        rows.append({"model": name, "before": report.params_before, "after": report.params_after,
-                     "ratio": report.params_ratio, "abs_err": abs_err, "rel_err": rel_err,
-                     "kept": _kept_reasons(report, top), "notes": list(report.notes)})
+        row = {"model": name, "before": report.params_before, "after": report.params_after,
+               "ratio": report.params_ratio, "abs_err": abs_err, "rel_err": rel_err,
+               "kept": _kept_reasons(report, top), "notes": list(report.notes)}
+        if name in latency:
+            row["latency"] = _latency_ratio(stripped, small, x, rounds)
+        rows.append(row)
         keras.backend.clear_session()
     return rows
 
@@ -79,6 +99,9 @@ def main(argv=None):
     parser.add_argument("--flavours", default="tf_keras,keras3:tensorflow")
     parser.add_argument("--top", type=int, default=2, help="kept groups (with reasons) listed per model")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
+    parser.add_argument("--latency", default="", help="models whose stripped and rebuilt .tflite files are "
+                                                      "exported, verified and timed (LiteRT, 1 thread)")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds of the latency comparison")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     models = args.models.split(",")
@@ -86,14 +109,15 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown models {unknown}; expected some of {MODELS}")
     if args.child:
-        print("ROWS " + json.dumps(measure(args.child, models, args.top)))
+        latency = [m for m in args.latency.split(",") if m]
+        print("ROWS " + json.dumps(measure(args.child, models, args.top, latency, args.rounds)))
         return
     lines = ["`prune_channels(model, sparsity=0.5)` (L1), `strip_pruning`, `rebuild`; random weights under a fixed "
              "seed, errors over 2 random inputs (rebuilt vs stripped; relative: divided by max(1, max |output|)). "
              "Kept: the groups that kept the most channels whatever their weights, with the report's reasons.", "",
              "| flavour | backend | model | params before | params after | ratio | max abs error | max rel error "
              "| main kept reasons |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
-    ratios = {}
+    ratios, timings = {}, []
     for spec in args.flavours.split(","):
         flavour, _, backend = spec.partition(":")
         backend = backend or "tensorflow"
@@ -101,7 +125,7 @@ def main(argv=None):
         if flavour == "tf_keras":
             env.setdefault("TF_USE_LEGACY_KERAS", "1")
         proc = subprocess.run([sys.executable, __file__, "--child", flavour, "--models", args.models,
-                               "--top", str(args.top)], env=env, capture_output=True, text=True)
+                               "--top", str(args.top), "--latency", args.latency, "--rounds", str(args.rounds)], env=env, capture_output=True, text=True)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")]
         if proc.returncode or not found:
             raise SystemExit(f"{spec} failed:\n{proc.stderr[-3000:]}")
@@ -112,14 +136,24 @@ def main(argv=None):
                 kept += "<br>notes: " + "; ".join(row["notes"])
             lines.append(f"| {flavour} | {backend} | {row['model']} | {row['before']:,} | {row['after']:,} | "
                          f"{row['ratio']:.1%} | {row['abs_err']:.2g} | {row['rel_err']:.2g} | {kept} |")
+            if "latency" in row:
+                ratio, before, after = row["latency"]
+                timings.append(f"| {flavour} | {backend} | {row['model']} | {before:.2f} | {after:.2f} | {ratio:.2f}x |")
             print(lines[-1], flush=True)
+    if timings:
+        lines += ["", "LiteRT latency, 1 thread, batch 1, stripped and rebuilt files interleaved (each verified "
+                      "against Keras when exported):", "",
+                  "| flavour | backend | model | stripped ms | rebuilt ms | ratio |", "|---|---|---|---:|---:|---:|"]
+        lines += timings
     reference = [v for (spec, name), v in ratios.items() if name in COMPARABLE]
     if reference:
         lines += ["", f"Comparable CNNs ({', '.join(COMPARABLE)}) keep {min(reference):.1%}-{max(reference):.1%} "
                       "of their parameters."]
     lines += ["", "Where the only groups listed are model outputs, nothing else was kept whatever its weights. "
-                  "Channels that LayerNormalization normalises over (a transformer's residual stream) stay: "
-                  "removing even a zero channel would change its mean and variance."]
+                  "Channels that LayerNormalization normalises over (a transformer's or ConvNeXt's residual "
+                  "stream) stay: removing even a zero channel would change its mean and variance. The "
+                  "normalisations' own outputs go through a one-hot selection (`<name>_select`, counted in "
+                  "'params after') where that costs fewer weights than their readers lose."]
     command = " ".join(argv if argv is not None else sys.argv[1:])
     lines += ["", f"Command: `python bench/bench_beyond.py {command}`"]
     text = "\n".join(lines)

@@ -17,6 +17,10 @@ input sizes small enough for tests:
   size, ``Reshape`` to ``(patches, dim)``, a learned position ``Embedding``
   (of a second, integer input holding the patch positions), transformer blocks
   (LayerNormalization, MultiHeadAttention, Dense-gelu-Dense MLP, residual adds);
+* :func:`vit_keras_io` - the same at keras-io's own size;
+* :func:`mobilevit` - keras-io's MobileViT (XXS): inverted residual blocks and
+  MobileViT blocks (local convs, unfolding ``Reshape``, transformer blocks,
+  folding ``Reshape``, fusion by ``Concatenate``), at 64x64;
 * :func:`rnn_stack`, :func:`groupnorm_cnn`, :func:`attention_block` - one
   family each, whose size argument (units, groups, heads) the acceptance tests
   halve.
@@ -147,6 +151,71 @@ def vit_keras_io(keras):
     """keras-io's ViT at its own size: 72 px, patch 6, dim 64, 8 blocks of 4 heads (key_dim 64), head 2048/1024."""
     return vit(keras, size=72, patch=6, dim=64, heads=4, key_dim=64, blocks=8, head_units=(2048, 1024),
                classes=100)
+
+
+def mobilevit(keras, size: int = 64, classes: int = 5, expansion: int = 2, patch: int = 4):
+    """keras-io's ``create_mobilevit`` (image classification with MobileViT), at ``size`` x ``size``."""
+    L = keras.layers
+    count = [0]
+
+    def name(kind):
+        count[0] += 1
+        return f"{kind}_{count[0]}"
+
+    def conv_block(x, filters=16, kernel_size=3, strides=2):
+        return L.Conv2D(filters, kernel_size, strides=strides, activation="swish", padding="same",
+                        name=name("conv"))(x)
+
+    def inverted_residual(x, expanded, out, strides=1):
+        m = L.Conv2D(expanded, 1, padding="same", use_bias=False, name=name("expand"))(x)
+        m = L.Activation("swish")(L.BatchNormalization(name=name("expand_bn"))(m))
+        if strides == 2:
+            m = L.ZeroPadding2D(((0, 1), (0, 1)))(m)
+        m = L.DepthwiseConv2D(3, strides=strides, padding="same" if strides == 1 else "valid", use_bias=False,
+                              name=name("depthwise"))(m)
+        m = L.Activation("swish")(L.BatchNormalization(name=name("depthwise_bn"))(m))
+        m = L.Conv2D(out, 1, padding="same", use_bias=False, name=name("project"))(m)
+        m = L.BatchNormalization(name=name("project_bn"))(m)
+        if int(x.shape[-1]) == out and strides == 1:
+            return L.Add()([m, x])
+        return m
+
+    def transformer(x, layers, dim, heads=2):
+        for _ in range(layers):
+            x1 = L.LayerNormalization(epsilon=1e-6, name=name("ln"))(x)
+            a = L.MultiHeadAttention(heads, key_dim=dim, dropout=0.1, name=name("mha"))(x1, x1)
+            x2 = L.Add()([a, x])
+            x3 = L.LayerNormalization(epsilon=1e-6, name=name("ln"))(x2)
+            for units in (2 * int(x.shape[-1]), int(x.shape[-1])):
+                x3 = L.Dropout(0.1)(L.Dense(units, activation="swish", name=name("mlp"))(x3))
+            x = L.Add()([x3, x2])
+        return x
+
+    def mobilevit_block(x, layers, dim):
+        local = conv_block(x, filters=dim, strides=1)
+        local = conv_block(local, filters=dim, kernel_size=1, strides=1)
+        h, w = int(local.shape[1]), int(local.shape[2])
+        unfolded = L.Reshape((patch, h * w // patch, dim))(local)
+        folded = L.Reshape((h, w, dim))(transformer(unfolded, layers, dim))
+        folded = conv_block(folded, filters=int(x.shape[-1]), kernel_size=1, strides=1)
+        return conv_block(L.Concatenate(axis=-1)([x, folded]), filters=dim, strides=1)
+
+    inputs = keras.Input((size, size, 3))
+    x = L.Rescaling(1.0 / 255)(inputs)
+    x = conv_block(x, filters=16)
+    x = inverted_residual(x, 16 * expansion, 16)
+    x = inverted_residual(x, 16 * expansion, 24, strides=2)
+    x = inverted_residual(x, 24 * expansion, 24)
+    x = inverted_residual(x, 24 * expansion, 24)
+    x = inverted_residual(x, 24 * expansion, 48, strides=2)
+    x = mobilevit_block(x, 2, 64)
+    x = inverted_residual(x, 64 * expansion, 64, strides=2)
+    x = mobilevit_block(x, 4, 80)
+    x = inverted_residual(x, 80 * expansion, 80, strides=2)
+    x = mobilevit_block(x, 3, 96)
+    x = conv_block(x, filters=320, kernel_size=1, strides=1)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(classes, activation="softmax", name="predictions")(x), name="mobilevit")
 
 
 def vit_inputs(model, batch: int = 4, seed: int = 0):

@@ -167,7 +167,11 @@ def assert_outputs_close(a, b, x=None, atol: float = 1e-4, rtol: float = 1e-4):
 
 # ----------------------------------------------------------------------------- channels
 def layer_channels(model) -> Dict[str, Tuple[int, int]]:
-    """Per layer path with weights: ``(in_channels, out_channels)`` of its first call."""
+    """Per layer path with weights: ``(in_channels, out_channels)`` of its first call.
+
+    A layer followed by the selection that ``rebuild`` puts after a
+    LayerNormalization (``<name>_select``) counts the selection's output.
+    """
     from keras_rebuild.graph import Graph
 
     g = Graph(model)
@@ -178,6 +182,9 @@ def layer_channels(model) -> Dict[str, Tuple[int, int]]:
             continue
         c_in = g.tensors[op.inputs[0]].channels if op.inputs else 0
         c_out = g.tensors[op.outputs[0]].channels if op.outputs else 0
+        select = g.first_op(path + "_select") if path + "_select" in g.layers else None
+        if select is not None and op.outputs and select.inputs == [op.outputs[0]]:
+            c_out = g.tensors[select.outputs[0]].channels
         out[path] = (c_in, c_out)
     return out
 
@@ -381,7 +388,7 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
         has_img = any(_img(s) for s in shapes)
         # Repeats weight the draw towards the layers that create and couple channel groups.
         kinds = ["conv", "conv", "conv", "dense", "bn", "bn", "activation", "residual", "residual", "concat",
-                 "group_norm"]
+                 "group_norm", "layer_norm"]
         if has_img:
             kinds += ["squeeze_excite", "depthwise", "separable", "conv_transpose", "pool", "zero_padding", "attention",
                       "recurrent",
@@ -415,6 +422,9 @@ def _draw_ops(draw, st, shapes, ops, n_steps, max_c, allow_nested, nested_ok=Tru
             groups = draw(st.sampled_from([-1] + [g for g in range(1, c + 1) if c % g == 0]))
             p = dict(groups=groups, center=draw(st.booleans()), scale=draw(st.booleans()))
             add("group_norm", p, [t], shapes[t])
+        elif kind == "layer_norm":  # its outputs go through a selection when its readers are wide enough
+            t = _pick(draw, st, shapes, lambda s: True)
+            add("layer_norm", dict(center=draw(st.booleans()), scale=draw(st.booleans())), [t], shapes[t])
         elif kind == "activation":
             t = _pick(draw, st, shapes, lambda s: True)
             names = ["relu", "tanh", "ReLU"] + ([] if zero_preserving else ["sigmoid"])
@@ -584,6 +594,8 @@ def build_model(spec: dict, seed: int = 0, name: str = "fuzz", keras=None):
         elif kind == "group_norm":
             y = L.GroupNormalization(groups=p["groups"], center=p["center"], scale=p["scale"],
                                      name=uname("group_norm"))(x)
+        elif kind == "layer_norm":
+            y = L.LayerNormalization(center=p["center"], scale=p["scale"], name=uname("layer_norm"))(x)
         elif kind == "activation":
             if p["activation"] == "ReLU":
                 y = L.ReLU(name=uname("relu"))(x)

@@ -155,6 +155,128 @@ def test_prune_channels_prunes_attention_heads_during_training():
     assert "mha:heads" in [g.name for g in Analysis(model).groups]
 
 
+# ----------------------------------------------------------------------------- LayerNormalization outputs
+def _pre_norm_mlp(readers=32, dim=16):
+    inp = keras.Input((6, dim))
+    h = L.LayerNormalization(name="ln")(inp)
+    h = L.Dense(readers, activation="relu", name="mlp")(h)
+    return randomize_weights(keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(h))), seed=6)
+
+
+def _zero_norm_channels(model, channels, beta=True, name="ln"):
+    def kill(ws):
+        ws[0][channels] = 0.0  # gamma
+        if beta:
+            ws[1][channels] = 0.0
+        return ws
+
+    _set(model, name, kill)
+
+
+def test_layer_norm_output_channels_with_zero_gamma_and_beta_go_through_a_frozen_selection():
+    model = _pre_norm_mlp()
+    dead = [1, 5, 6, 11]
+    _zero_norm_channels(model, dead)
+    small, report = kr.rebuild(model, return_report=True)
+    ln, select, mlp = (small.get_layer(n) for n in ("ln", "ln_select", "mlp"))
+    assert ln.get_weights()[0].shape == (16,)  # the statistics still cover every channel
+    kept = np.setdiff1d(np.arange(16), dead)
+    np.testing.assert_array_equal(select.get_weights()[0], np.eye(16, dtype="float32")[:, kept])
+    assert not select.trainable and not select.use_bias and len(select.get_weights()) == 1
+    np.testing.assert_array_equal(mlp.get_weights()[0], model.get_layer("mlp").get_weights()[0][kept])
+    x = random_inputs(model, batch=3, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+    assert report.params_after == small.count_params()
+    assert report.params_before - report.params_after == 4 * 32 - 16 * 12
+    assert "ln_select" in [r.name for r in report.layers]
+    # Rebuilding again changes nothing: shrinking the selection's input would need another selection.
+    again, second = kr.rebuild(small, return_report=True)
+    assert second.params_after == second.params_before
+    assert any("needs a selection" in r for g in second.groups for r in g.reasons)
+
+
+def test_layer_norm_output_channel_with_a_live_beta_or_gamma_stays():
+    model = _pre_norm_mlp()
+    _zero_norm_channels(model, [1, 5], beta=False)  # gamma zero, beta not: the channel outputs beta
+    small = kr.rebuild(model)
+    assert "ln_select" not in [layer.name for layer in small.layers]
+    assert small.count_params() == model.count_params()
+
+
+def test_layer_norm_outputs_stay_when_the_selection_costs_more_than_it_saves():
+    model = _pre_norm_mlp(readers=8)  # 8 weights per channel read, 16 per kept channel selected
+    _zero_norm_channels(model, [1, 5, 6, 11])
+    small, report = kr.rebuild(model, return_report=True)
+    assert small.count_params() == model.count_params()
+    assert any("needs a selection" in r and "'ln'" in r for g in report.groups for r in g.reasons)
+
+
+def test_pruned_pre_norm_mlp_trains_strips_and_rebuilds_exactly():
+    model = _pre_norm_mlp()
+    pruned = kr.prune_channels(model, sparsity=0.5)
+    pruned.compile("adam", "mse")
+    x = random_inputs(model, batch=16, seed=2)
+    pruned.fit(x, np.zeros((16, 3), "float32"), epochs=1, batch_size=8, verbose=0)
+    stripped = kr.strip_pruning(pruned)
+    gamma, beta = stripped.get_layer("ln").get_weights()
+    assert ((gamma == 0) & (beta == 0)).sum() == 8  # the mask held through training
+    small = kr.rebuild(stripped)
+    assert small.get_layer("ln_select").units == 8 and small.get_layer("mlp").units == 16
+    assert max_relative_error(stripped, small, x[:4]) <= TOL
+
+
+@pytest.mark.parametrize("structure", ["sequential", "nested", "shared"])
+def test_layer_norm_selection_in_sequential_nested_and_shared_layers(structure):
+    dead = [0, 2, 7]
+    if structure == "sequential":
+        model = keras.Sequential([keras.Input((6, 8)), L.Dense(8, name="writer"), L.LayerNormalization(name="ln"),
+                                  L.Dense(16, name="mlp"), L.Flatten(), L.Dense(3, name="head")])
+    elif structure == "nested":  # the normalisation's output is the nested model's output
+        inner_in = keras.Input((6, 8))
+        inner = keras.Model(inner_in, L.LayerNormalization(name="ln")(L.Dense(8, name="writer")(inner_in)),
+                            name="inner")
+        inp = keras.Input((6, 8))
+        model = keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(L.Dense(16, name="mlp")(inner(inp)))))
+    else:  # one normalisation called on two tensors: one selection, called twice
+        inp = keras.Input((6, 8))
+        ln, mlp = L.LayerNormalization(name="ln"), L.Dense(16, name="mlp")
+        a = mlp(ln(L.Dense(8, name="writer")(inp)))
+        b = mlp(ln(L.Dense(8, name="other")(inp)))
+        model = keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(L.Add()([a, b]))))
+    model = randomize_weights(model, seed=7)
+    host = model.get_layer("inner") if structure == "nested" else model
+    _zero_norm_channels(host, dead)
+    small = kr.rebuild(model)
+    small_host = small.get_layer("inner") if structure == "nested" else small
+    assert small_host.get_layer("ln_select").units == 5
+    assert small.get_layer("mlp").get_weights()[0].shape == (5, 16)
+    x = random_inputs(model, batch=3, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+
+
+def test_self_attention_inputs_shrink_and_the_output_keeps_its_width():
+    model = _attention_block()
+    _zero_norm_channels(model, [0, 3, 9])
+    small = kr.rebuild(model)
+    mha = small.get_layer("mha")
+    assert mha.get_weights()[0].shape[0] == 13  # query kernel (d, heads, dim)
+    assert int(mha.output.shape[-1]) == 16  # added back to the 16-wide input
+    x = random_inputs(model, batch=3, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+
+
+def test_cross_attention_inputs_stay_whole():
+    inp = keras.Input((6, 16))
+    h = L.LayerNormalization(name="ln")(inp)
+    other = L.Dense(16, name="other")(inp)
+    a = L.MultiHeadAttention(4, 8, name="mha")(h, other)
+    model = randomize_weights(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(L.Add()([inp, a])))), seed=5)
+    _zero_norm_channels(model, [0, 3, 9])
+    small, report = kr.rebuild(model, return_report=True)
+    assert small.get_layer("mha").get_weights()[0].shape[0] == 16
+    assert any("different tensors" in r for g in report.groups for r in g.reasons)
+
+
 # ----------------------------------------------------------------------------- groups and index maps
 def test_group_norm_cnn_with_dead_groups_matches_the_builder_at_fewer_groups():
     def build(groups):

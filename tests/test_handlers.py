@@ -83,6 +83,18 @@ def sandwich(middle, rank=2, size=8, channels=8):
     return keras.Model(inp, L.Dense(3, name="head")(pool()(x)))
 
 
+def wide_sandwich(middle, channels=8, reader=16):
+    """input -> Conv2D (writer) -> ``middle`` -> Conv2D 1x1 reading each channel with ``reader`` weights.
+
+    LayerNormalization's output channels go through a selection of ``channels``
+    weights per kept channel, which pays only for a reader wider than that.
+    """
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(channels, 3, padding="same", name="writer")(inp)
+    x = L.Conv2D(reader, 1, name="reader")(middle(x))
+    return keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(x)))
+
+
 def dense_sandwich(middle, units=8):
     """input -> Dense (writer) -> ``middle`` -> Dense (reader)."""
     inp = keras.Input((5,))
@@ -142,7 +154,7 @@ def _layer_examples():
         "DepthwiseConv1D": lambda: sandwich(L.DepthwiseConv1D(3, padding="same", depth_multiplier=2), rank=1),
         "DepthwiseConv2D": lambda: sandwich(L.DepthwiseConv2D(3, padding="same")),
         "BatchNormalization": lambda: sandwich(L.BatchNormalization()),
-        "LayerNormalization": lambda: sandwich(L.LayerNormalization()),
+        "LayerNormalization": lambda: wide_sandwich(L.LayerNormalization()),
         "UnitNormalization": lambda: sandwich(L.UnitNormalization()),
         "Normalization": lambda: sandwich(L.Normalization()),
         "PReLU": lambda: sandwich(L.PReLU()),
