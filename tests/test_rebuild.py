@@ -395,6 +395,17 @@ def test_rebuild_of_a_functional_subclass_whose_constructor_fails_is_a_plain_fun
     assert_models_close(model, small, random_inputs(model, seed=3))
 
 
+def test_rebuild_keeps_each_layers_trainable_flag():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="frozen", trainable=False)(inp)
+    x = L.Conv2D(6, 3, padding="same", name="free")(x)
+    model = keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(x)))
+    zeroed, small, _ = check_exact_and_minimal(model)
+    assert small.get_layer("frozen").filters < 8  # rebuilt, not copied
+    assert [small.get_layer(n).trainable for n in ("frozen", "free", "head")] == [False, True, True]
+    assert len(small.trainable_weights) == len(model.trainable_weights) == 4
+
+
 # ----------------------------------------------------------------------------- honesty about the rest
 def test_layer_normalization_and_softmax_over_channels_keep_their_channels():
     inp = keras.Input((8, 8, 3))

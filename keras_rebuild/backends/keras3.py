@@ -392,7 +392,10 @@ class _Rebuilder:
             except Exception as exc:  # noqa: BLE001 - a constructor that cannot take (inputs, outputs)
                 self.notes.append(plain_functional_note(prefix + model.name, type(model), exc))
                 new = Functional(structure, outputs, name=model.name)
-        new.trainable = model.trainable
+        if not model.trainable:
+            # Keras 3's setter passes the flag down to every sublayer: set it only to freeze, so that each
+            # layer otherwise keeps the flag of its own config (a frozen layer, a frozen selection).
+            new.trainable = False
         return new
 
 
