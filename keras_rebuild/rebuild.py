@@ -137,7 +137,9 @@ def rebuild(model, plan=None, *, return_report: bool = False):
     Flatten->Dense, squeeze-excite gates, nested models and shared layers.
     The new model computes the same function as the masked model up to float
     round-off. Channels that cannot be removed exactly stay, and the report
-    says why.
+    says why. A LayerNormalization keeps its width (its statistics read every
+    channel); its dropped output channels leave through a frozen one-hot
+    ``Dense`` named ``<layer>_select`` right after it, counted in the report.
 
     Args:
         model: A Keras 3 (any backend) or tf_keras Functional or Sequential

@@ -117,15 +117,20 @@ def test_pruned_model_rebuilds_exactly_and_smaller(name):
     check(small)
 
 
+def _exact_and_below(model, bound, x):
+    """``prune_channels(0.5)``, ``strip_pruning``, ``rebuild``: exact on ``x``, fewer than ``bound`` of the parameters."""
+    stripped, small, report = _prune_strip_rebuild(model)
+    assert_models_close(stripped, small, x, tol=1e-5)
+    assert report.params_ratio < bound, str(report)
+    return small
+
+
 @pytest.mark.slow
 @pytest.mark.zoo
 def test_inception_resnet_v2_rebuilds_exactly_like_comparable_cnns():
     """CustomScaleLayer no longer blocks the residual channels: about a quarter of the parameters stay (0.258)."""
     model = bm.inception_resnet_v2(keras)
-    stripped, small, report = _prune_strip_rebuild(model)
-    x = random_inputs(model, batch=2, seed=1)
-    assert_models_close(stripped, small, x, tol=1e-5)
-    assert report.params_ratio < 0.3, str(report)
+    small = _exact_and_below(model, 0.3, random_inputs(model, batch=2, seed=1))
     assert _channels(small.get_layer("block35_1_ac")) < 320  # after the CustomScaleLayer: the residual channels
     assert _channels(small.get_layer("block17_1_ac")) < 1088
     assert _channels(small.get_layer("block8_1_ac")) < 2080
@@ -137,11 +142,20 @@ def test_keras_io_size_vit_keeps_a_share_like_comparable_cnns():
     """keras-io's ViT (72 px, dim 64, 8 blocks, head 2048/1024): 0.256 of the parameters stay (0.476 when the
     final LayerNormalization's outputs could not go, since its Flatten -> Dense head is 87% of the model)."""
     model = bm.vit_keras_io(keras)
-    stripped, small, report = _prune_strip_rebuild(model)
-    x = bm.vit_inputs(model, batch=2)
-    assert_models_close(stripped, small, x, tol=1e-5)
-    assert report.params_ratio < 0.3, str(report)
+    small = _exact_and_below(model, 0.3, bm.vit_inputs(model, batch=2))
     _check_vit(small, dim=64, blocks=8)
+
+
+@pytest.mark.slow
+@pytest.mark.zoo
+def test_mobilevit_rebuilds_exactly_with_its_attention_and_normalisation_outputs_pruned():
+    """keras-io's MobileViT: 0.357 of the parameters stay (0.404 before LayerNormalization outputs could go)."""
+    model = bm.mobilevit(keras)
+    small = _exact_and_below(model, 0.4, random_inputs(model, batch=2, seed=1))
+    selections = [layer for layer in small.layers if layer.name.endswith("_select")]
+    assert len(selections) == 18  # both normalisations of each of the 9 transformer blocks
+    attention = [layer for layer in small.layers if type(layer).__name__ == "MultiHeadAttention"]
+    assert all(layer.get_weights()[0].shape[0] < int(layer.output.shape[-1]) for layer in attention)
 
 
 # ----------------------------------------------------------------------------- one family at half size

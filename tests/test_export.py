@@ -390,6 +390,14 @@ def test_benchmark_returns_positive_latencies_and_honours_num_threads(monkeypatc
         benchmark_tflite(result.path, num_threads=0)
 
 
+def test_latency_of_a_model_reading_token_ids_runs_on_valid_ids():
+    inp = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(5, 4)(inp)  # ids 0..4: a random int32 would read out of bounds
+    content = export_tflite(keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(x))), verify=False).content
+    assert benchmark_tflite(content, runs=2, warmup=1).median_ms > 0
+    assert compare_latency({"a": content, "b": content}, runs=2, rounds=1).ratios["a"] == 1.0
+
+
 def test_compare_latency_of_model_against_itself_is_near_one():
     content = export_tflite(small_conv(), verify=False).content
     cmp = compare_latency({"a": content, "b": content}, runs=20, rounds=5)

@@ -1733,13 +1733,21 @@ def _rss_bytes() -> tuple:
 
 
 def _benchmark_inputs(interpreter, in_details, inputs, seed: int = 0) -> None:
-    """Set benchmark inputs (random if ``inputs`` is None) and allocate."""
+    """Set benchmark inputs (random if ``inputs`` is None) and allocate.
+
+    Random inputs: normal floats, quantized integers over their range, and
+    zeros for plain integer inputs (token or position ids, which a gather
+    reads: 0 is the one id every vocabulary has).
+    """
     if inputs is None:
         rng = np.random.default_rng(seed)
         xs = []
         for d in in_details:
             shape = [int(s) for s in d["shape"]]
-            if np.issubdtype(d["dtype"], np.integer):
+            scale = (d.get("quantization") or (0.0, 0))[0]
+            if np.issubdtype(d["dtype"], np.integer) and not scale:
+                xs.append(np.zeros(shape, d["dtype"]))
+            elif np.issubdtype(d["dtype"], np.integer):
                 info = np.iinfo(d["dtype"])
                 xs.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, size=shape).astype(d["dtype"]))
             else:
