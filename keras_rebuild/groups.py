@@ -213,7 +213,7 @@ class Analysis:
 
         changed = False
         for op, t in self.write_log:
-            if not getattr(op.handler, "selects_outputs", False) or self.comp_blocked[self.labels[self.elements(t)]].all():
+            if not op.handler.selects_outputs(op.layer) or self.comp_blocked[self.labels[self.elements(t)]].all():
                 continue
             comps = np.unique(self.labels[self.elements(t)])
             spent, seen = 0.0, set()

@@ -284,7 +284,7 @@ def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = 
                 params_after=int(sum(np.size(w) for w in sliced)),
                 macs_before=int(m_before), macs_after=int(m_after),
             ))
-        if getattr(handler, "selects_outputs", False) and len(k_out) < c_out:
+        if len(k_out) < c_out and handler.selects_outputs(layer):
             name = _free_name(g, path, layer.name + "_select")
             selections[path] = (name, k_out)
             sel_path = path[: len(path) - len(layer.name)] + name

@@ -254,6 +254,27 @@ def test_layer_norm_selection_in_sequential_nested_and_shared_layers(structure):
     assert max_relative_error(model, small, x) <= TOL
 
 
+def test_layer_norm_over_another_axis_follows_its_channels_and_keeps_its_weights():
+    inp = keras.Input((6, 8))
+    x = L.Dense(8, name="writer")(inp)
+    x = L.LayerNormalization(axis=1, name="ln")(x)  # over time: gamma and beta are per step, not per channel
+    model = randomize_weights(keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(L.Dense(5, name="reader")(x)))),
+                              seed=8)
+    _set(model, "reader", lambda ws: [np.where(np.isin(np.arange(8), [1, 3])[:, None], 0.0, ws[0]).astype("float32"),
+                                      ws[1]])
+    small = kr.rebuild(model)
+    assert small.get_layer("writer").units == 6 and small.get_layer("reader").get_weights()[0].shape == (6, 5)
+    for a, b in zip(model.get_layer("ln").get_weights(), small.get_layer("ln").get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert "ln_select" not in [layer.name for layer in small.layers]
+    x = random_inputs(model, batch=3, seed=1)
+    assert max_relative_error(model, small, x) <= TOL
+    # Pruning never masks its per-step weights (they index no channel).
+    stripped = kr.strip_pruning(kr.prune_channels(model, sparsity=0.5))
+    for a, b in zip(model.get_layer("ln").get_weights(), stripped.get_layer("ln").get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_self_attention_inputs_shrink_and_the_output_keeps_its_width():
     model = _attention_block()
     _zero_norm_channels(model, [0, 3, 9])

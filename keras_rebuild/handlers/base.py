@@ -134,6 +134,14 @@ class LayerHandler:
         """
         return {}
 
+    def selects_outputs(self, layer) -> bool:
+        """Whether ``layer`` keeps its width when its output channels go, and a selection after it drops them.
+
+        LayerNormalization: its statistics read every channel, so it cannot
+        output fewer; ``rebuild`` puts a frozen one-hot ``Dense`` after it.
+        """
+        return False
+
     def update_config(self, layer, config: dict, n_in: int, n_out: int) -> dict:
         """The layer config for ``n_in`` input and ``n_out`` output channels."""
         return config

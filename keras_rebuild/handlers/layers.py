@@ -244,8 +244,10 @@ class LayerNormHandler(LayerHandler):
     """
 
     kind = "mixing"  # its output channels are a new set that it writes
-    selects_outputs = True
     claims_outputs = True  # the blocked input does not make its outputs unknown
+
+    def selects_outputs(self, layer):
+        return bool(layer.weights) and self._channels_only(layer)
 
     def connect(self, ctx, op):
         rank = len(ctx.shape(op.inputs[0]))
@@ -264,7 +266,22 @@ class LayerNormHandler(LayerHandler):
         ctx.block(op.inputs[0], reason, op.path)
         ctx.writes(op, op.outputs[0])
 
+    @staticmethod
+    def _channels_only(layer) -> bool:
+        """Whether the layer normalises the last (channel) axis and no other: gamma and beta are per channel."""
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        axes = [int(a) for a in axes]
+        if axes == [-1]:
+            return True
+        try:
+            rank = len(layer.get_build_config()["input_shape"])
+        except Exception:  # noqa: BLE001 - not built: its weights do not exist yet either
+            return False
+        return {a % rank for a in axes} == {rank - 1}
+
     def forward_zero(self, layer, weights, op, in_zero, out_channels):
+        if not self._channels_only(layer):  # normalises another axis: its output is tied to its input
+            return [np.zeros(c, bool) for c in out_channels]
         gamma = np.ones(out_channels[0], np.float32)
         beta = np.zeros(out_channels[0], np.float32)
         for w, var in zip(weights, layer.weights):
@@ -276,10 +293,10 @@ class LayerNormHandler(LayerHandler):
         return [(gamma == 0) & (beta == 0) if weights else np.zeros(out_channels[0], bool)]
 
     def weight_roles(self, layer):
-        return [{0: "out"} for _ in layer.weights]
+        return [{0: "out"} if self._channels_only(layer) else {} for _ in layer.weights]
 
     def update_config(self, layer, config, n_in, n_out):
-        return config  # full width: the selection after it drops the channels
+        return config  # full width (a selection after it drops channels), or another axis normalised
 
     def slice_weights(self, layer, weights, kept_in, kept_out, internal=None):
         return list(weights)
