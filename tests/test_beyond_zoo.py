@@ -136,8 +136,15 @@ def test_inception_resnet_v2_rebuilds_exactly_like_comparable_cnns():
     assert _channels(small.get_layer("block8_1_ac")) < 2080
 
 
+# The two largest models run where the full zoo runs: on TensorFlow, in both flavours (JAX and torch run the
+# small ViT above and every layer rule in test_beyond_layers.py).
+on_tensorflow = pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+                                   reason="full-size zoo models run on the TensorFlow backend of each flavour")
+
+
 @pytest.mark.slow
 @pytest.mark.zoo
+@on_tensorflow
 def test_keras_io_size_vit_keeps_a_share_like_comparable_cnns():
     """keras-io's ViT (72 px, dim 64, 8 blocks, head 2048/1024): 0.256 of the parameters stay (0.476 when the
     final LayerNormalization's outputs could not go, since its Flatten -> Dense head is 87% of the model)."""
@@ -148,6 +155,7 @@ def test_keras_io_size_vit_keeps_a_share_like_comparable_cnns():
 
 @pytest.mark.slow
 @pytest.mark.zoo
+@on_tensorflow
 def test_mobilevit_rebuilds_exactly_with_its_attention_and_normalisation_outputs_pruned():
     """keras-io's MobileViT: 0.357 of the parameters stay (0.404 before LayerNormalization outputs could go)."""
     model = bm.mobilevit(keras)
