@@ -11,6 +11,7 @@ from keras_rebuild.backends import config_of
 from keras_rebuild.errors import InvalidArgumentTypeError
 from keras_rebuild.graph import check_model
 from keras_rebuild.groups import Analysis, _table
+from keras_rebuild.handlers.common import spatial_size
 
 log = logging.getLogger("keras_rebuild")
 
@@ -291,8 +292,7 @@ def slice_layers(analysis: Analysis, kept: Dict[int, np.ndarray], build: bool = 
             kernel = np.zeros((c_out, len(k_out)), np.asarray(weights[0]).dtype if weights else np.float32)
             kernel[k_out, np.arange(len(k_out))] = 1
             new_weights[sel_path] = [kernel]
-            positions = [int(np.prod([d or 1 for d in g.tensors[o.outputs[0]].shape[1:-1]])) for o in ops]
-            sel_macs = sum(positions) * c_out * len(k_out)
+            sel_macs = sum(spatial_size(g.tensors[o.outputs[0]].shape) for o in ops) * c_out * len(k_out)
             macs_after += sel_macs
             layer_reports.append(LayerReport(
                 name=sel_path, class_name="Dense", in_before=0, in_after=c_out, out_before=0,
